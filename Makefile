@@ -1,0 +1,38 @@
+# optbench: `make bench` trains on the embedded corpus; `make test` runs the test suite. Both set up .venv first.
+# `make help` lists every target.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+DATA    := data/cache/kjv/meta.json
+ARGS    ?=
+
+.PHONY: help setup data bench test test-all lint clean-venv
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with the pinned dependencies (CPU torch 2.13.0)
+
+$(DATA): $(STAMP)
+	$(PY) -m data.prepare kjv --out data/cache/kjv --vocab-size 4096
+
+data: $(DATA)  ## prepare the embedded KJV corpus (tokenizer + shards, offline, cached)
+
+bench: $(DATA)  ## train GPT-2 tiny with AdamW on the embedded corpus (a few minutes on 2 CPU cores)
+	$(PY) train.py experiment=bench_tiny $(ARGS)
+
+test: $(STAMP)  ## the default test suite (slow and GPU tests excluded)
+	$(PY) -m pytest $(ARGS)
+
+test-all: $(STAMP)  ## every CPU test, the slow ones included
+	$(PY) -m pytest -m "not gpu" $(ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check .
+
+clean-venv:  ## remove .venv
+	rm -rf .venv

@@ -1,0 +1,160 @@
+"""Typed configuration: the schema every run is checked against before any compute.
+
+Hydra composes conf/config.yaml with the groups model/, optimizer/, data/, schedule/, experiment/; the
+result is merged into the `Config` dataclass below (registered in Hydra's ConfigStore as `base_config`),
+so an unknown key or a wrong type fails at composition with the dotted key in the message. `validate()`
+then checks values and cross-field constraints (batch divisibility, context length, vocabulary) and
+builds the optimizer's own typed spec from its `_target_`.
+
+    python train.py train.max_steps=0        # -> error: train.max_steps: must be > 0 (got 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.config import DataConfig
+from harness.schedule import SCHEDULES
+from models.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # constant | cosine | linear | wsd
+    warmup_frac: float = 0.0  # fraction of max_steps with linear warmup
+    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine, linear, wsd)
+    decay_frac: float = 0.2  # wsd only: fraction of max_steps spent in the final decay
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300  # optimizer updates (the step budget of the workload)
+    seq_len: int = 256  # tokens per sequence; <= model.block_size
+    global_batch_size: int = 16  # sequences per update, over accumulation and processes
+    micro_batch_size: int = 16  # sequences per forward/backward on one process
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+    eval_every: int = 50
+    eval_dense_every: int = 10  # evaluation interval in the last eval_dense_frac of the budget
+    eval_dense_frac: float = 0.2
+    eval_batch_size: int = 16
+    target_loss: float | None = None  # validation loss defining steps/tokens/time to target
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool | None = None  # torch.compile the model; None = on for CUDA, off on CPU
+    log_every: int = 1  # steps between metrics lines
+    progress: bool = True  # tqdm progress bar
+    save_final: bool = True  # write model_final.pt (for scripts/export_hf.py)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "optbench"
+    entity: str | None = None
+    mode: str = "online"  # online | offline
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optimizer: Any = MISSING  # typed by its own `_target_` spec dataclass, see build_optimizer_spec
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    seed: int = 0  # model-initialisation seed; the data order has its own data.seed
+    name: str = "run"  # free-form label, used in the default run directory
+    experiment: str | None = None  # set by conf/experiment/*.yaml to its own name
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _positive(key: str, value: float, strict: bool = True) -> None:
+    if value is None or (value <= 0 if strict else value < 0):
+        raise ConfigError(f"{key}: must be {'>' if strict else '>='} 0 (got {value})")
+
+
+def build_optimizer_spec(node: DictConfig | dict) -> Any:
+    """Turn the `optimizer` node into its typed spec (a dataclass named by `_target_`), checking keys,
+    types and ranges. Errors name the key as `optimizer.<key>`."""
+    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    target = node.pop("_target_", None)
+    if not target:
+        raise ConfigError("optimizer._target_: missing (each conf/optimizer/*.yaml names its spec class)")
+    try:
+        spec_cls = get_class(target)
+    except Exception as e:  # noqa: BLE001 - hydra wraps import errors in several types
+        raise ConfigError(f"optimizer._target_: cannot import {target!r} ({e.__class__.__name__})") from None
+    if not dataclasses.is_dataclass(spec_cls):
+        raise ConfigError(f"optimizer._target_: {target} is not a dataclass spec")
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(spec_cls), node)
+        return OmegaConf.to_object(typed)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"optimizer.{key}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # range checks in the spec's __post_init__
+        raise ConfigError(str(e) if str(e).startswith("optimizer.") else f"optimizer.{e}") from None
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate(cfg: Config) -> Any:
+    """Check values and cross-field constraints; return the optimizer spec. Raises ConfigError."""
+    for section in (cfg.model, cfg.data):
+        try:
+            section.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    t, s = cfg.train, cfg.schedule
+    for key in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_every",
+                "eval_dense_every", "eval_batch_size", "log_every"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.grad_clip", t.grad_clip, strict=False)
+    if not 0.0 <= t.eval_dense_frac <= 1.0:
+        raise ConfigError(f"train.eval_dense_frac: must be in [0, 1] (got {t.eval_dense_frac})")
+    if t.target_loss is not None:
+        _positive("train.target_loss", t.target_loss)
+    if t.seq_len > cfg.model.block_size:
+        raise ConfigError(f"train.seq_len: {t.seq_len} exceeds the model's context model.block_size="
+                          f"{cfg.model.block_size}")
+    ws = world_size()
+    if t.global_batch_size % (t.micro_batch_size * ws):
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size x world size = {t.micro_batch_size} x {ws}")
+    if cfg.data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.vocab_size: the tokenizer's {cfg.data.vocab_size} tokens exceed "
+                          f"model.vocab_size={cfg.model.vocab_size}")
+    if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):
+        raise ConfigError(f"train.device: {t.device!r} is not auto, cpu, cuda or cuda:N")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision: {t.precision!r} is not auto, fp32 or bf16")
+    if s.name not in SCHEDULES:
+        raise ConfigError(f"schedule.name: {s.name!r} is not one of {', '.join(SCHEDULES)}")
+    if not 0.0 <= s.warmup_frac < 1.0:
+        raise ConfigError(f"schedule.warmup_frac: must be in [0, 1) (got {s.warmup_frac})")
+    if not 0.0 <= s.min_lr_frac <= 1.0:
+        raise ConfigError(f"schedule.min_lr_frac: must be in [0, 1] (got {s.min_lr_frac})")
+    if not 0.0 < s.decay_frac <= 1.0:
+        raise ConfigError(f"schedule.decay_frac: must be in (0, 1] (got {s.decay_frac})")
+    if cfg.wandb.mode not in ("online", "offline"):
+        raise ConfigError(f"wandb.mode: {cfg.wandb.mode!r} is not online or offline")
+    return build_optimizer_spec(cfg.optimizer)

@@ -1,0 +1,163 @@
+"""Run records: what every run writes about itself, atomically, and how results are derived from them.
+
+A run directory holds config.yaml (resolved), env.json (code version, libraries, hardware),
+metrics.jsonl (one JSON object per logged step and per evaluation), summary.json, and model_final.pt.
+Scripts in scripts/ rebuild every table and plot from these files alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+LIBRARIES = ("torch", "numpy", "transformers", "datasets", "tokenizers", "hydra-core", "omegaconf", "wandb",
+             "accelerate")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and os.replace, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """Strict JSON has no NaN/inf: a non-finite number is written as null (a diverged run says so itself)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_finite_or_none(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True, timeout=20)
+        return out.stdout.decode(errors="replace")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def code_version() -> dict[str, Any]:
+    """Commit, dirty flag and a hash of the uncommitted diff (tracked and untracked files)."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None, "diff_sha256": None}
+    status = _git("status", "--porcelain") or ""
+    diff = (_git("diff", "HEAD") or "") + (_git("ls-files", "--others", "--exclude-standard") or "")
+    return {"commit": commit.strip(), "dirty": bool(status.strip()),
+            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if status.strip() else None}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    env = {
+        "code": code_version(),
+        "python": sys.version.split()[0],
+        "libraries": versions,
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                "capability": torch.backends.cpu.get_cpu_capability()},
+        "device": str(device),
+        "gpu": None,
+        "argv": sys.argv,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if device.type == "cuda":
+        env["gpu"] = {"name": torch.cuda.get_device_name(device), "count": torch.cuda.device_count(),
+                      "cuda": torch.version.cuda, "capability": list(torch.cuda.get_device_capability(device))}
+    env.update(extra or {})
+    return env
+
+
+def workload_hash(fields: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the workload's fields (model, data identity, sequence length, global
+    batch in tokens, step budget, validation set, evaluation schedule); results with different hashes are
+    never compared."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class MetricsLog:
+    """metrics.jsonl, kept in memory and rewritten atomically at each flush, so the file on disk is always
+    a complete, parseable prefix of the run (no torn last line after a crash)."""
+
+    def __init__(self, path: Path):
+        self.path, self.records, self.lines = Path(path), [], []
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.lines.append(json.dumps(record, sort_keys=True, allow_nan=True))
+
+    def flush(self) -> None:
+        atomic_write_text(self.path, "".join(line + "\n" for line in self.lines))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def summarize(records: list[dict[str, Any]], target_loss: float | None, tokens_per_step: int,
+              flops_per_token: float) -> dict[str, Any]:
+    """Final/min validation loss and the *-to-target figures from the metrics records.
+
+    Steps to target = the first evaluation step whose val loss <= target (no interpolation); tokens = steps x
+    tokens/step; training time = the accumulated training clock (evaluation excluded) at that step; FLOPs =
+    tokens x model FLOPs/token (optimizer FLOPs are not yet charged). All None when not reached.
+    """
+    evals = [r for r in records if "val_loss" in r]
+    finite = [r["val_loss"] for r in evals if math.isfinite(r["val_loss"])]
+    out = {"final_val_loss": evals[-1]["val_loss"] if evals else None,
+           "min_val_loss": min(finite) if finite else None, "target_loss": target_loss,
+           "steps_to_target": None, "tokens_to_target": None, "train_time_to_target_s": None,
+           "flops_to_target": None}
+    if target_loss is not None:
+        hit = next((r for r in evals if math.isfinite(r["val_loss"]) and r["val_loss"] <= target_loss), None)
+        if hit is not None:
+            out.update(steps_to_target=hit["step"], tokens_to_target=hit["step"] * tokens_per_step,
+                       train_time_to_target_s=hit["train_time_s"],
+                       flops_to_target=hit["step"] * tokens_per_step * flops_per_token)
+    return out

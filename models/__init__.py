@@ -1,0 +1,20 @@
+"""Language models under test and the parameter roles optimizers group them by.
+
+    python -c "from models import ModelConfig, build_model; m = build_model(ModelConfig()); print(m.num_params())"
+"""
+
+from torch import nn
+
+from models.config import ROLE_GROUP, ROLES, ModelConfig
+from models.gpt2 import GPT2
+from models.llama import Llama
+
+FAMILY_CLASSES = {"gpt2": GPT2, "llama": Llama}
+
+__all__ = ["GPT2", "ROLES", "ROLE_GROUP", "Llama", "ModelConfig", "build_model"]
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Validate `cfg` and build its family's model, initialised on the current default device."""
+    cfg.validate()
+    return FAMILY_CLASSES[cfg.family](cfg)

@@ -1,0 +1,48 @@
+"""AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019) on every parameter
+group, through `torch.optim.AdamW` (a well-kept implementation; nothing home-made).
+
+Weight decay applies to the groups in `decay_groups` (default: hidden matrices, embeddings, head, as in
+nanoGPT) and never to gains/biases. Select with `optimizer=adamw`; hyperparameters live in
+conf/optimizer/adamw.yaml, e.g. `python train.py optimizer=adamw optimizer.lr=1e-3`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from optimizers.groups import GROUPS, ParamSplit
+
+
+@dataclass
+class AdamWSpec:
+    lr: float = 3e-3  # peak lr; the schedule multiplies it
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled: p <- p * (1 - lr * weight_decay)
+    decay_groups: list[str] = field(default_factory=lambda: ["hidden", "embedding", "head"])
+    # torch implementation: None = torch's default (foreach), True = fused kernel (CUDA and CPU)
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.lr: must be > 0 (got {self.lr})")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optimizer.betas: need two values in [0, 1) (got {list(self.betas)})")
+        if not self.eps > 0:
+            raise ValueError(f"optimizer.eps: must be > 0 (got {self.eps})")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay: must be >= 0 (got {self.weight_decay})")
+        unknown = set(self.decay_groups) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"optimizer.decay_groups: unknown groups {sorted(unknown)} (known: {GROUPS})")
+
+    def build(self, split: ParamSplit) -> torch.optim.Optimizer:
+        groups = [
+            {"params": split.params(g), "group": g,
+             "weight_decay": self.weight_decay if g in self.decay_groups else 0.0}
+            for g in GROUPS if split.groups[g]
+        ]
+        return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps,
+                                 weight_decay=self.weight_decay, fused=self.fused)

@@ -1,0 +1,76 @@
+"""The single place where trainable parameters are split into the groups every optimizer sees.
+
+Models declare one role per parameter (`model.param_roles()`, e.g. "attn_q", "mlp_down", "embed", "norm")
+and a role -> group table; this module turns that into four groups:
+
+    hidden     2-D weight matrices inside the blocks (what Muon-like methods orthogonalize)
+    embedding  token and position embeddings (including a tied input/output embedding)
+    head       an untied output projection
+    gain_bias  norm gains, biases and other scalars/vectors
+
+Every trainable parameter must be claimed exactly once (checked here, as in modded-nanogpt's assertion),
+and the per-group counts are printed at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+GROUPS = ("hidden", "embedding", "head", "gain_bias")
+
+
+@dataclass
+class ParamInfo:
+    name: str
+    param: torch.nn.Parameter
+    role: str
+
+
+@dataclass
+class ParamSplit:
+    groups: dict[str, list[ParamInfo]] = field(default_factory=lambda: {g: [] for g in GROUPS})
+
+    def params(self, group: str) -> list[torch.nn.Parameter]:
+        return [p.param for p in self.groups[group]]
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """group -> (number of tensors, number of scalars)."""
+        return {g: (len(ps), sum(p.param.numel() for p in ps)) for g, ps in self.groups.items()}
+
+    def describe(self) -> str:
+        return "\n".join(f"  {g:<10} {n:>4} tensors {k:>14,} params" for g, (n, k) in self.counts().items())
+
+
+def split_parameters(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]],
+    roles: Mapping[str, str],
+    role_group: Mapping[str, str],
+) -> ParamSplit:
+    """Assign every trainable parameter to one group through its declared role.
+
+    Raises ValueError if a trainable parameter has no role, a role has no group, the same tensor appears
+    twice, or a role is declared for a parameter that does not exist (a stale declaration).
+    """
+    split, seen, names = ParamSplit(), set(), set()
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if id(p) in seen:
+            raise ValueError(f"parameter {name} is claimed twice (shared tensor listed under two names)")
+        if name not in roles:
+            raise ValueError(f"parameter {name} has no declared role")
+        role = roles[name]
+        if role_group.get(role) not in GROUPS:
+            raise ValueError(f"parameter {name}: role {role!r} maps to no group of {GROUPS}")
+        if role_group[role] == "hidden" and p.ndim != 2:
+            raise ValueError(f"parameter {name}: role {role!r} is a hidden matrix but has shape {tuple(p.shape)}")
+        seen.add(id(p))
+        names.add(name)
+        split.groups[role_group[role]].append(ParamInfo(name, p, role))
+    stale = set(roles) - names
+    if stale:
+        raise ValueError(f"roles declared for parameters that are not trainable or do not exist: {sorted(stale)}")
+    return split

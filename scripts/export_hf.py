@@ -1,0 +1,75 @@
+"""Export a finished run's model (and its tokenizer, when the run's data directory has one) to a Hugging
+Face directory loadable with `AutoModelForCausalLM.from_pretrained(OUT_DIR)`.
+
+    python scripts/export_hf.py results/runs/my_run exports/my_run
+
+Reads RUN_DIR/model_final.pt (written by train.py) and, for the tokenizer, `data.dir` from
+RUN_DIR/config.yaml. Exit code 2 when an input is missing or unreadable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # scripts/ is not a package; the repository root holds models/
+
+import torch
+from omegaconf import OmegaConf
+from transformers import PreTrainedTokenizerFast
+
+from models import ModelConfig, build_model
+from models.hf import to_hf
+
+
+def fail(msg: str) -> int:
+    print(f"export_hf: {msg}", file=sys.stderr)
+    return 2
+
+
+def tokenizer_file(run_dir: Path) -> Path | None:
+    """RUN_DIR/config.yaml -> data.dir/tokenizer.json, if both exist (relative dirs: from the repo root)."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    data_dir = OmegaConf.select(OmegaConf.load(config), "data.dir", default=None)
+    if data_dir is None:
+        return None
+    path = Path(data_dir) if Path(data_dir).is_absolute() else ROOT / data_dir
+    return path / "tokenizer.json" if (path / "tokenizer.json").is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+
+    ckpt = args.run_dir / "model_final.pt"
+    if not ckpt.is_file():
+        return fail(f"{ckpt} not found (train.py writes it at the end of a run with train.save_final=true)")
+    try:
+        payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model = build_model(ModelConfig(**payload["model_config"]))
+        # A torch.compile'd model saves its weights under "_orig_mod."; the weights are the same.
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in payload["state_dict"].items()})
+    except (KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        return fail(f"{ckpt}: not a model_final.pt of this code ({type(e).__name__}: {e})")
+
+    hf = to_hf(model)
+    hf.save_pretrained(args.out_dir)
+    print(f"saved {type(hf).__name__} ({model.num_params():,} parameters) to {args.out_dir}")
+    tok = tokenizer_file(args.run_dir)
+    if tok is None:
+        print("no tokenizer exported: RUN_DIR/config.yaml names no data.dir holding tokenizer.json")
+    else:
+        PreTrainedTokenizerFast(tokenizer_file=str(tok)).save_pretrained(args.out_dir)
+        print(f"saved tokenizer {tok}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Models: Hugging Face logit parity, parameter roles, preset parameter counts, config errors, HF export.
+
+    .venv/bin/python -m pytest tests/test_models.py -q
+"""
+
+import dataclasses
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models import ROLE_GROUP, ROLES, ModelConfig, build_model
+from models.hf import from_hf, to_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "conf" / "model").glob("*.yaml"))
+TINY = {
+    "gpt2": ModelConfig(),
+    "llama": ModelConfig(family="llama"),
+    "llama_gqa": ModelConfig(family="llama", n_kv_head=2),
+}
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    """Built and then given O(1) logits and non-trivial gains and biases, so every tensor's mapping matters."""
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, role in model.param_roles().items():
+            model.get_parameter(name).normal_(1.0 if role == "norm" else 0.0, 0.1)
+    return model
+
+
+def load_export_script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import export_hf
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return export_hf
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_logits_match_hugging_face(name):
+    model = random_model(TINY[name])
+    hf = to_hf(model)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 48))
+    with torch.no_grad():
+        ours, loss = model(idx[:, :-1], idx[:, 1:])
+        out = hf(idx, labels=idx)  # HF shifts the labels itself
+        assert ours.abs().max() > 1.0  # the comparison is not between near-zero logits
+        # fp32, logits O(5): seen <= 6.7e-6 (T-1 vs T tokens run through different kernel blockings; at
+        # equal T Llama agrees bit for bit, GPT-2 to 3.3e-6 from Conv1D's addmm vs nn.Linear).
+        assert (ours - out.logits[:, :-1]).abs().max() < 1e-5
+        assert abs(loss.item() - out.loss.item()) < 1e-5
+        # fp64 removes rounding, so any difference left would be a difference in the maths.
+        ours64, _ = model.double()(idx)
+        assert (ours64 - hf.double()(idx).logits).abs().max() < 1e-12
+        back, _ = from_hf(hf.float())(idx)
+        assert torch.equal(back, model.float()(idx)[0])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_parameter_has_one_role(name):
+    model = build_model(TINY[name])
+    roles = model.param_roles()
+    assert list(roles) == [n for n, _ in model.named_parameters()]
+    assert set(roles.values()) <= set(ROLES)
+    assert set(ROLE_GROUP) == set(ROLES)
+
+
+def test_an_undeclared_parameter_is_an_error():
+    model = build_model(TINY["llama"])
+    model.model.layers[1].scale = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(RuntimeError, match=r"without a declared role: \['model.layers.1.scale'\]"):
+        model.param_roles()
+
+
+def test_role_groups_of_tiny_models():
+    counts = {name: Counter(ROLE_GROUP[r] for r in build_model(cfg).param_roles().values())
+              for name, cfg in TINY.items()}
+    # GPT-2, 4 layers: wte (tied head) + wpe; 4 matrices per block; 8 gains/biases per block + ln_f's 2.
+    assert counts["gpt2"] == {"embedding": 2, "hidden": 16, "gain_bias": 34}
+    # Llama, 4 layers: q, k, v, o, gate, up, down per block; 2 RMSNorm gains per block + the final one.
+    assert counts["llama"] == counts["llama_gqa"] == {"embedding": 1, "head": 1, "hidden": 28, "gain_bias": 9}
+    roles = build_model(TINY["gpt2"]).param_roles()
+    assert roles["transformer.wte.weight"] == "embed" and roles["transformer.h.0.attn.c_attn.bias"] == "bias"
+
+
+def load_preset(path: Path) -> ModelConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+
+
+def test_presets_build_and_match_their_stated_counts():
+    names = [p.stem for p in PRESETS]
+    assert names == ["gpt2_124m", "gpt2_350m", "gpt2_tiny", "llama_150m", "llama_1b", "llama_tiny"]
+    for path in PRESETS:
+        cfg = load_preset(path)
+        assert set(OmegaConf.load(path)) == set(ModelConfig.__dataclass_fields__)
+        with torch.device("meta"):
+            model = build_model(cfg)
+        stated = re.search(r"([\d,]+) parameters", path.read_text().splitlines()[0]).group(1)
+        assert model.num_params() == int(stated.replace(",", "")), path.name
+
+
+def test_gpt2_124m_counts_and_flops():
+    with torch.device("meta"):
+        model = build_model(load_preset(ROOT / "conf/model/gpt2_124m.yaml"))
+    assert model.num_params() == 124_475_904  # nanoGPT, vocab 50304, wpe included
+    assert model.num_params(non_embedding=True) == 123_689_472  # nanoGPT's printed "123.69M"
+    # 6 * (84,934,656 block matrices + 38,633,472 tied head) + 6 * 12 layers * 768 * 1024 (causal attention)
+    assert model.flops_per_token(1024) == 6 * 123_568_128 + 6 * 12 * 768 * 1024 == 798_031_872
+    assert model.attn_layout() == {"n_head": 12, "n_kv_head": 12, "head_dim": 64}
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=8, d_model=256))
+    blk = model.transformer.h[0]
+    assert abs(blk.mlp.c_fc.weight.std().item() - 0.02) < 5e-4
+    assert abs(blk.mlp.c_proj.weight.std().item() - 0.02 / 4) < 2e-4  # 1 / sqrt(2 * 8 layers)
+    assert blk.attn.c_attn.bias.abs().sum() == 0 and torch.all(blk.ln_1.weight == 1)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_forward_rejects_sequences_longer_than_block_size(name):
+    model = build_model(TINY[name])
+    with pytest.raises(ValueError, match="257 exceeds model.block_size=256"):
+        model(torch.zeros(1, 257, dtype=torch.long))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"family": "mamba"}, r"^model\.family: 'mamba' is not one of gpt2, llama"),
+    ({"d_model": 100, "n_head": 3}, r"^model\.n_head: d_model=100 is not divisible by n_head=3"),
+    ({"family": "llama", "n_kv_head": 3}, r"^model\.n_kv_head: n_head=4 is not divisible by n_kv_head=3"),
+    ({"n_kv_head": 2}, r"^model\.n_kv_head: gpt2 has no grouped-query attention"),
+    ({"family": "llama", "d_model": 12, "n_head": 4}, r"^model\.n_head: RoPE needs an even head_dim"),
+    ({"n_layer": 0}, r"^model\.n_layer: must be > 0 \(got 0\)"),
+    ({"norm_eps": 0.0}, r"^model\.norm_eps: must be > 0"),
+])
+def test_validate_names_the_key(changes, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(ModelConfig(**changes))
+
+
+def test_llama_ffn_rule():
+    assert [ModelConfig(family="llama", d_model=d).ffn_dim for d in (128, 768, 2048, 4096)] == [512, 2048, 5632, 11008]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_export_round_trip(tmp_path, name):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = random_model(TINY[name])
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "in": 1, "the": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(run / "data" / "tokenizer.json"))
+    (run / "config.yaml").write_text(f"data:\n  dir: {run / 'data'}\n")
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}  # as saved from a compiled model
+    torch.save({"model_config": dataclasses.asdict(model.cfg), "state_dict": state}, run / "model_final.pt")
+
+    assert load_export_script().main([str(run), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        reloaded = hf(idx).logits
+        assert torch.equal(reloaded, to_hf(model)(idx).logits)  # saving and loading change nothing
+        assert (reloaded - model(idx)[0]).abs().max() < 1e-5
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("in the")["input_ids"] == [1, 2]
+
+
+def test_export_names_the_missing_file(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/export_hf.py", str(tmp_path), str(tmp_path / "out")],
+                          check=False, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'model_final.pt'} not found" in proc.stderr

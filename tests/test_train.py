@@ -1,0 +1,132 @@
+"""End-to-end runs of train.py on the embedded corpus: records, determinism, refusal of bad input."""
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from conftest import read_jsonl, run_train
+
+from harness.config import TrainConfig
+from harness.records import summarize
+from harness.schedule import eval_steps
+
+RECORDS = ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "model_final.pt")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(kjv_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "gpt2"
+    proc = run_train(run_dir, "model=gpt2_tiny", "seed=1")
+    return run_dir, proc
+
+
+def test_run_writes_self_describing_records(smoke_run):
+    run_dir, proc = smoke_run
+    for f in RECORDS:
+        assert (run_dir / f).is_file(), f
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [m for m in metrics if "train_loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 13))
+    for m in steps:
+        assert m["tokens"] == m["step"] * 8 * 64
+        assert math.isfinite(m["train_loss"]) and m["grad_norm"] > 0 and m["lr"] > 0
+    times = [m["train_time_s"] for m in steps]
+    assert times == sorted(times) and times[0] > 0
+    evals = [m for m in metrics if "val_loss" in m]
+    smoke = TrainConfig(max_steps=12, eval_every=4, eval_dense_every=2, eval_dense_frac=0.25)
+    assert [m["step"] for m in evals] == eval_steps(smoke) == [0, 4, 8, 9, 11, 12]
+    # a freshly initialised model predicts ~uniformly: loss ~ ln(4096) = 8.32
+    assert abs(evals[0]["val_loss"] - math.log(4096)) < 0.1
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_val_loss"] == evals[-1]["val_loss"]
+    assert summary["min_val_loss"] == min(e["val_loss"] for e in evals)
+    assert summary["diverged"] is False and summary["steps"] == 12 and summary["world_size"] == 1
+    assert summary["tokens_per_s"] == pytest.approx(12 * 512 / steps[-1]["train_time_s"])
+    assert len(summary["workload_hash"]) == 64
+    for key in ("steps_to_target", "tokens_to_target", "train_time_to_target_s"):
+        assert key in summary
+
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["libraries"]["torch"].startswith("2.13") and env["world_size"] == 1
+    assert set(env["code"]) == {"commit", "dirty", "diff_sha256"}
+    assert env["workload_hash"] == summary["workload_hash"]
+    assert "model" in proc.stdout and "param groups" in proc.stdout
+
+    state = torch.load(run_dir / "model_final.pt", weights_only=True)
+    assert state["model_config"]["family"] == "gpt2" and "state_dict" in state
+
+
+def test_same_seed_bit_identical_losses(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    run_train(tmp_path / "again", "model=gpt2_tiny", "seed=1")
+    a = [(m["step"], m.get("train_loss"), m.get("val_loss")) for m in read_jsonl(run_dir / "metrics.jsonl")]
+    b = [(m["step"], m.get("train_loss"), m.get("val_loss")) for m in read_jsonl(tmp_path / "again/metrics.jsonl")]
+    assert a == b  # exact float equality, not approx
+    ha = json.loads((run_dir / "summary.json").read_text())["workload_hash"]
+    hb = json.loads((tmp_path / "again/summary.json").read_text())["workload_hash"]
+    assert ha == hb
+
+
+def test_seed_changes_losses_but_not_workload(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    run_train(tmp_path / "other", "model=gpt2_tiny", "seed=2")
+    la = [m["train_loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in m]
+    lb = [m["train_loss"] for m in read_jsonl(tmp_path / "other/metrics.jsonl") if "train_loss" in m]
+    assert la != lb
+    sa = json.loads((run_dir / "summary.json").read_text())
+    sb = json.loads((tmp_path / "other/summary.json").read_text())
+    assert sa["workload_hash"] == sb["workload_hash"]
+
+
+def test_llama_trains(kjv_dir, tmp_path):
+    run_train(tmp_path / "llama", "model=llama_tiny", "train.target_loss=100")
+    summary = json.loads((tmp_path / "llama/summary.json").read_text())
+    assert summary["final_val_loss"] < math.log(4096) - 0.5
+    # every evaluation is below 100, so the target is met at the first one: step 0
+    assert summary["steps_to_target"] == 0 and summary["tokens_to_target"] == 0
+
+
+def test_existing_run_is_never_overwritten(smoke_run):
+    run_dir, _ = smoke_run
+    before = {f: hashlib.sha256((run_dir / f).read_bytes()).hexdigest() for f in RECORDS}
+    proc = run_train(run_dir, "model=gpt2_tiny", "seed=1", check=False)
+    assert proc.returncode == 2
+    assert "already holds" in proc.stderr and "summary.json" in proc.stderr
+    assert before == {f: hashlib.sha256((run_dir / f).read_bytes()).hexdigest() for f in RECORDS}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=0", "error: train.max_steps: must be > 0 (got 0)"),
+    ("optimizer.lr=0", "error: optimizer.lr: must be > 0"),
+    ("data.dir=/nonexistent/kjv", "/nonexistent/kjv"),
+])
+def test_cli_bad_input_fails_fast_and_writes_nothing(kjv_dir, tmp_path, override, message):
+    proc = run_train(tmp_path / "bad", override, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any((tmp_path / "bad" / f).exists() for f in RECORDS)
+
+
+def test_cli_unknown_key_fails(kjv_dir, tmp_path):
+    proc = run_train(tmp_path / "bad", "train.max_stepz=3", check=False)
+    assert proc.returncode != 0 and "max_stepz" in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_summarize_target_rules():
+    recs = [{"step": 0, "val_loss": 8.0, "train_time_s": 0.0}, {"step": 5, "train_loss": 5.0},
+            {"step": 10, "val_loss": 4.5, "train_time_s": 2.0}, {"step": 20, "val_loss": 3.9, "train_time_s": 4.5},
+            {"step": 30, "val_loss": 4.1, "train_time_s": 7.0}]
+    s = summarize(recs, 4.0, tokens_per_step=100, flops_per_token=10.0)
+    assert (s["steps_to_target"], s["tokens_to_target"], s["train_time_to_target_s"]) == (20, 2000, 4.5)
+    assert s["flops_to_target"] == 20000.0
+    assert (s["final_val_loss"], s["min_val_loss"]) == (4.1, 3.9)
+    s = summarize(recs, 3.0, tokens_per_step=100, flops_per_token=10.0)
+    assert s["steps_to_target"] is None and s["train_time_to_target_s"] is None
+    s = summarize(recs + [{"step": 40, "val_loss": float("nan"), "train_time_s": 9.0}], None, 100, 10.0)
+    assert math.isnan(s["final_val_loss"]) and s["min_val_loss"] == 3.9
