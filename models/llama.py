@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import CausalLM, ModelConfig, declare
+from models.base import CausalLM, declare
+from models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
