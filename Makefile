@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)  ## create .venv with the pinned dependencies (CPU torch 2.13.0)
 
 $(DATA): $(STAMP)
-	$(PY) -m data.prepare kjv --out data/cache/kjv --vocab-size 4096
+	$(PY) -m data.prepare kjv --out data/cache/kjv --vocab-size 4096 --num-proc 2
 
 data: $(DATA)  ## prepare the embedded KJV corpus (tokenizer + shards, offline, cached)
 

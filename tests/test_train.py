@@ -3,10 +3,12 @@
 import hashlib
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import read_jsonl, run_train
+from conftest import REPO, read_jsonl, run_train
 
 from harness.config import TrainConfig
 from harness.records import summarize
@@ -158,3 +160,14 @@ def test_full_bench_reaches_target(kjv_dir, tmp_path):
     s = json.loads((tmp_path / "bench" / "summary.json").read_text())
     assert s["steps"] == 400 and s["final_val_loss"] < 4.3
     assert s["steps_to_target"] is not None and s["steps_to_target"] <= 400
+
+
+def test_hydra_multirun_writes_one_record_per_job(kjv_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "-m", "experiment=smoke", "optimizer.lr=1e-3,3e-3",
+                           f"hydra.sweep.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    assert [p.parent.name for p in summaries] == ["0_experiment=smoke,optimizer.lr=0.001",
+                                                  "1_experiment=smoke,optimizer.lr=0.003"]
+    lrs = [json.loads((p.parent / "metrics.jsonl").read_text().splitlines()[1])["lr"] for p in summaries]
+    assert lrs[1] == pytest.approx(3 * lrs[0])
