@@ -67,7 +67,8 @@ def train(run: Run) -> dict:
     cfg, t, device, opt = run.cfg, run.cfg.train, run.device, run.optimizer
     raw_model = run.model
     model = torch.compile(raw_model) if run.compile else raw_model
-    rates = matmul_rates(str(device)) if device.type == "cpu" else None
+    # Measured dense-matmul rates of this device: the yardstick for model FLOPs utilisation (MFU) below.
+    rates = matmul_rates(str(device), n=512 if device.type == "cpu" else 4096)
     atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.resolved))
     atomic_write_json(run.run_dir / "env.json", environment(device, {
         "world_size": run.world_size, "precision": run.precision, "compile": run.compile,
@@ -126,14 +127,18 @@ def train(run: Run) -> dict:
     bar.close()
     log.flush()
 
-    summary = summarize(log.records, t.target_loss, run.tokens_per_step,
-                        raw_model.flops_per_token(t.seq_len))
+    fpt = raw_model.flops_per_token(t.seq_len)
+    tokens_per_s = step * run.tokens_per_step / train_time if train_time > 0 else None
+    summary = summarize(log.records, t.target_loss, run.tokens_per_step, fpt)
     summary.update({
         "workload_hash": run.workload_hash, "diverged": diverged is not None,
         "diverged_at_step": diverged and diverged["step"], "diverged_reason": diverged and diverged["reason"],
         "steps": step, "tokens": step * run.tokens_per_step, "train_time_s": train_time,
-        "tokens_per_s": step * run.tokens_per_step / train_time if train_time > 0 else None,
-        "n_params": raw_model.num_params(), "flops_per_token": raw_model.flops_per_token(t.seq_len),
+        "tokens_per_s": tokens_per_s, "n_params": raw_model.num_params(), "flops_per_token": fpt,
+        # MFU against the *measured* matmul rate of this device in the run's precision (not a datasheet peak)
+        "model_flops_per_s": tokens_per_s and tokens_per_s * fpt,
+        "mfu_vs_measured_matmul": tokens_per_s and tokens_per_s * fpt / 1e9
+        / rates["bfloat16" if run.precision == "bf16" else "float32"],
         "unigram_entropy_nats": run.data.unigram_entropy_nats, "world_size": run.world_size,
         "optimizer": type(opt).__name__, "optimizer_target": run.resolved["optimizer"].get("_target_"),
         "seed": cfg.seed, "data_seed": cfg.data.seed, "experiment": cfg.experiment,
@@ -147,8 +152,9 @@ def train(run: Run) -> dict:
         wb.summary.update({k: v for k, v in summary.items() if v is not None})
         wb.finish()
     status = f"DIVERGED at step {diverged['step']}: {diverged['reason']}" if diverged else f"{step} steps"
-    print(f"done: {status}, final val loss {summary['final_val_loss']}, "
-          f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, records in {run.run_dir}", flush=True)
+    print(f"done: {status}, final val loss {summary['final_val_loss']}, {tokens_per_s or 0:,.0f} tokens/s, "
+          f"MFU {summary['mfu_vs_measured_matmul'] or 0:.1%} of measured matmul rate, records in {run.run_dir}",
+          flush=True)
     return summary
 
 

@@ -49,6 +49,10 @@ def test_run_writes_self_describing_records(smoke_run):
     assert summary["diverged"] is False and summary["steps"] == 12 and summary["world_size"] == 1
     assert summary["tokens_per_s"] == pytest.approx(12 * 512 / steps[-1]["train_time_s"])
     assert len(summary["workload_hash"]) == 64
+    env_rate = json.loads((run_dir / "env.json").read_text())["matmul_gflops"]["float32"]
+    assert summary["mfu_vs_measured_matmul"] == pytest.approx(
+        summary["tokens_per_s"] * summary["flops_per_token"] / 1e9 / env_rate)
+    assert 0 < summary["mfu_vs_measured_matmul"] < 1.5
     for key in ("steps_to_target", "tokens_to_target", "train_time_to_target_s"):
         assert key in summary
 
@@ -171,3 +175,20 @@ def test_hydra_multirun_writes_one_record_per_job(kjv_dir, tmp_path):
                                                   "1_experiment=smoke,optimizer.lr=0.003"]
     lrs = [json.loads((p.parent / "metrics.jsonl").read_text().splitlines()[1])["lr"] for p in summaries]
     assert lrs[1] == pytest.approx(3 * lrs[0])
+
+
+def test_bf16_autocast_runs_on_cpu(kjv_dir, tmp_path):
+    """bf16 autocast is opt-in on CPU; it must run (loss in fp32) and record its precision."""
+    run_train(tmp_path / "bf16", "train.precision=bf16", "train.max_steps=4", "train.eval_every=4")
+    summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert json.loads((tmp_path / "bf16" / "env.json").read_text())["precision"] == "bf16"
+    assert summary["final_val_loss"] < math.log(4096)
+
+
+@pytest.mark.slow
+def test_torch_compile_on_cpu_matches_eager(kjv_dir, tmp_path):
+    run_train(tmp_path / "eager", "train.max_steps=4", "train.eval_every=4")
+    run_train(tmp_path / "compiled", "train.max_steps=4", "train.eval_every=4", "train.compile=true")
+    a = [m["train_loss"] for m in read_jsonl(tmp_path / "eager/metrics.jsonl") if "train_loss" in m]
+    b = [m["train_loss"] for m in read_jsonl(tmp_path / "compiled/metrics.jsonl") if "train_loss" in m]
+    assert b == pytest.approx(a, rel=1e-4)
