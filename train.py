@@ -26,7 +26,7 @@ from data.shards import DataError
 from harness.config import ConfigError, register_configs
 from harness.device import autocast, matmul_rates, synchronize
 from harness.records import MetricsLog, atomic_write_json, atomic_write_text, environment, summarize
-from harness.run import Run, SetupError, banner, setup
+from harness.run import Run, SetupError, banner, optimizer_name, setup
 from harness.schedule import lr_factor
 
 register_configs()
@@ -94,6 +94,8 @@ def train(run: Run) -> dict:
         lr_mult = lr_factor(step - 1, t.max_steps, cfg.schedule)  # step is the number of updates after this one
         for group in opt.param_groups:
             group["lr"] = group["peak_lr"] * lr_mult
+        if run.input_hooks:  # layer inputs for this step's micro-batches, only when the optimizer asks
+            run.input_hooks.begin_step(step - 1)
         loss_sum = torch.zeros((), device=device)
         for micro in range(run.grad_accum):
             x, y = run.data.train_batch(step - 1, micro, t.micro_batch_size, run.grad_accum)
@@ -102,6 +104,8 @@ def train(run: Run) -> dict:
                 _, loss = model(x, y)
             (loss / run.grad_accum).backward()
             loss_sum += loss.detach()
+        if run.input_hooks:
+            run.input_hooks.end_step()
         # clip_grad_norm_ returns the pre-clip global norm; max_norm=inf only measures it
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or math.inf)
         opt.step()
@@ -140,7 +144,8 @@ def train(run: Run) -> dict:
         "mfu_vs_measured_matmul": tokens_per_s and tokens_per_s * fpt / 1e9
         / rates["bfloat16" if run.precision == "bf16" else "float32"],
         "unigram_entropy_nats": run.data.unigram_entropy_nats, "world_size": run.world_size,
-        "optimizer": type(opt).__name__, "optimizer_target": run.resolved["optimizer"].get("_target_"),
+        "optimizer": HydraConfig.get().runtime.choices.get("optimizer"), "optimizer_class": optimizer_name(opt),
+        "optimizer_target": run.resolved["optimizer"]["_target_"],
         "seed": cfg.seed, "data_seed": cfg.data.seed, "experiment": cfg.experiment,
     })
     if t.save_final:

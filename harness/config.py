@@ -91,8 +91,9 @@ def _positive(key: str, value: float, strict: bool = True) -> None:
 
 
 def build_optimizer_spec(node: DictConfig | dict) -> Any:
-    """Turn the `optimizer` node into its typed spec (a dataclass named by `_target_`), checking keys,
-    types and ranges. Errors name the key as `optimizer.<key>`."""
+    """Turn the `optimizer` node into its typed spec (a dataclass named by `_target_`, with a
+    `validate(key)` method for ranges and a `build(split)` method), checking keys, types and ranges.
+    Errors name the key as `optimizer.<key>`."""
     node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     target = node.pop("_target_", None)
     if not target:
@@ -104,13 +105,15 @@ def build_optimizer_spec(node: DictConfig | dict) -> Any:
     if not dataclasses.is_dataclass(spec_cls):
         raise ConfigError(f"optimizer._target_: {target} is not a dataclass spec")
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(spec_cls), node)
-        return OmegaConf.to_object(typed)
+        spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec_cls), node))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"optimizer.{key}: {str(e).splitlines()[0]}") from None
-    except ValueError as e:  # range checks in the spec's __post_init__
-        raise ConfigError(str(e) if str(e).startswith("optimizer.") else f"optimizer.{e}") from None
+    try:
+        spec.validate("optimizer")  # range checks; messages start with the dotted key
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return spec
 
 
 def world_size() -> int:

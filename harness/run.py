@@ -19,10 +19,12 @@ from data.loader import TokenData
 from data.shards import DataError
 from harness.config import Config, ConfigError, validate, world_size
 from harness.device import resolve_device, resolve_precision
+from harness.hooks import InputHooks
 from harness.records import REPO, workload_hash
 from harness.schedule import eval_steps
 from models import ROLE_GROUP, build_model
 from optimizers.groups import ParamSplit, split_parameters
+from optimizers.hybrid import Hybrid
 
 RECORD_FILES = ("summary.json", "metrics.jsonl", "model_final.pt")
 
@@ -42,7 +44,8 @@ class Run:
     data: TokenData
     model: torch.nn.Module
     split: ParamSplit
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | Hybrid
+    input_hooks: InputHooks | None  # layer inputs for optimizers that ask for them (Newton-Muon)
     world_size: int
     grad_accum: int
     tokens_per_step: int
@@ -95,6 +98,7 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run:
     optimizer = spec.build(split)
     for group in optimizer.param_groups:  # the schedule scales this peak value at every step
         group["peak_lr"] = group["lr"]
+    input_hooks = InputHooks.attach(model, optimizer, split.params("hidden"))
 
     t = cfg.train
     grad_accum = t.global_batch_size // (t.micro_batch_size * ws)
@@ -107,9 +111,13 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run:
     precision = resolve_precision(t.precision, device)
     return Run(cfg=cfg, resolved=OmegaConf.to_container(dcfg, resolve=True), run_dir=run_dir, device=device,
                precision=precision, compile=device.type == "cuda" if t.compile is None else t.compile,
-               data=data, model=model, split=split, optimizer=optimizer, world_size=ws, grad_accum=grad_accum,
+               data=data, model=model, split=split, optimizer=optimizer, input_hooks=input_hooks, world_size=ws, grad_accum=grad_accum,
                tokens_per_step=tokens_per_step, eval_steps=workload["eval_steps"], workload=workload,
                workload_hash=workload_hash(workload))
+
+
+def optimizer_name(optimizer) -> str:
+    return repr(optimizer) if isinstance(optimizer, Hybrid) else type(optimizer).__name__
 
 
 def banner(run: Run) -> str:
@@ -122,7 +130,7 @@ def banner(run: Run) -> str:
          f"non-embedding), {fpt / 1e6:.2f} MFLOP/token"),
         "param groups (every trainable parameter claimed once):",
         run.split.describe(),
-        f"optimizer    {type(run.optimizer).__name__} {run.cfg.optimizer}",
+        f"optimizer    {optimizer_name(run.optimizer)} {run.cfg.optimizer}",
         (f"batch        {t.global_batch_size} seq x {t.seq_len} tok = {run.tokens_per_step:,} tokens/step "
          f"({t.micro_batch_size} micro x {run.grad_accum} accum x {run.world_size} proc)"),
         (f"budget       {t.max_steps} steps = {t.max_steps * run.tokens_per_step:,} tokens, "

@@ -25,24 +25,27 @@ class AdamWSpec:
     # torch implementation: None = torch's default (foreach), True = fused kernel (CUDA and CPU)
     fused: bool | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self, key: str = "optimizer") -> None:
+        """Raise ValueError("<key>.<field>: ...") for impossible values (key = where this spec sits)."""
         if not self.lr > 0:
-            raise ValueError(f"optimizer.lr: must be > 0 (got {self.lr})")
+            raise ValueError(f"{key}.lr: must be > 0 (got {self.lr})")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"optimizer.betas: need two values in [0, 1) (got {list(self.betas)})")
+            raise ValueError(f"{key}.betas: need two values in [0, 1) (got {list(self.betas)})")
         if not self.eps > 0:
-            raise ValueError(f"optimizer.eps: must be > 0 (got {self.eps})")
+            raise ValueError(f"{key}.eps: must be > 0 (got {self.eps})")
         if self.weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay: must be >= 0 (got {self.weight_decay})")
+            raise ValueError(f"{key}.weight_decay: must be >= 0 (got {self.weight_decay})")
         unknown = set(self.decay_groups) - set(GROUPS)
         if unknown:
-            raise ValueError(f"optimizer.decay_groups: unknown groups {sorted(unknown)} (known: {GROUPS})")
+            raise ValueError(f"{key}.decay_groups: unknown groups {sorted(unknown)} (known: {GROUPS})")
 
-    def build(self, split: ParamSplit) -> torch.optim.Optimizer:
+    def build(self, split: ParamSplit, groups: tuple[str, ...] = GROUPS) -> torch.optim.Optimizer:
+        """AdamW over the named groups of the split (all four by default; a matrix method's auxiliary
+        AdamW takes the three non-hidden ones)."""
         groups = [
             {"params": split.params(g), "group": g,
              "weight_decay": self.weight_decay if g in self.decay_groups else 0.0}
-            for g in GROUPS if split.groups[g]
+            for g in groups if split.groups[g]
         ]
         return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps,
                                  weight_decay=self.weight_decay, fused=self.fused)

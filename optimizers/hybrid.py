@@ -1,0 +1,74 @@
+"""A matrix optimizer on the hidden matrices plus an auxiliary AdamW on everything else, stepped as one.
+
+Muon-like methods are defined for 2-D hidden weights only; embeddings, the output head and gains/biases
+go to AdamW (Keller Jordan's MuonWithAuxAdam, Moonlight). The split comes from optimizers/groups.py, the
+same for every method, so a spec's build() is one line:
+
+    return with_aux_adamw(Muon(split.params("hidden"), lr=self.lr, ...), split, self.aux)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from optimizers.adamw import AdamWSpec
+from optimizers.groups import ParamSplit
+
+AUX_GROUPS = ("embedding", "head", "gain_bias")
+
+
+class Hybrid:
+    """Several optimizers over disjoint parameters, behaving like one for the training loop.
+
+    `param_groups` is the concatenation of the members' group dicts (the same dict objects, so the LR
+    schedule's writes reach each member), and the state dict nests the members' by position. Methods the
+    harness may call on a matrix optimizer (e.g. Newton-Muon's input statistics) are forwarded to the
+    first member that has them.
+    """
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = [o for o in optimizers if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(f"state holds {len(state['optimizers'])} optimizers, this one {len(self.optimizers)}")
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+
+    def __getattr__(self, name: str):
+        # Only reached for attributes Hybrid lacks: forward optional protocol methods to a member.
+        for o in self.__dict__.get("optimizers", []):
+            if hasattr(o, name):
+                return getattr(o, name)
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return f"Hybrid({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+def with_aux_adamw(matrix: torch.optim.Optimizer, split: ParamSplit, aux: AdamWSpec) -> Hybrid:
+    """`matrix` (already built over split.params("hidden")) plus AdamW over the other groups."""
+    has_aux = any(split.groups[g] for g in AUX_GROUPS)
+    return Hybrid(matrix, aux.build(split, groups=AUX_GROUPS) if has_aux else None)
