@@ -83,7 +83,7 @@ def train(run: Run) -> dict:
         if wb is not None:
             wb.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
-    evals, train_time, diverged, val = set(run.eval_steps), 0.0, None, math.nan
+    evals, train_time, opt_time, diverged, val = set(run.eval_steps), 0.0, 0.0, None, math.nan
     if 0 in evals:
         val = evaluate(run, model)
         record({"step": 0, "val_loss": val, "tokens": 0, "train_time_s": 0.0})
@@ -108,7 +108,11 @@ def train(run: Run) -> dict:
             run.input_hooks.end_step()
         # clip_grad_norm_ returns the pre-clip global norm; max_norm=inf only measures it
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or math.inf)
+        synchronize(device)
+        t_opt = time.perf_counter()  # optimizer.step() alone, for the overhead ratio of protocol.md
         opt.step()
+        synchronize(device)
+        opt_time += time.perf_counter() - t_opt
         opt.zero_grad(set_to_none=True)
         train_loss = (loss_sum / run.grad_accum).item()
         synchronize(device)
@@ -138,6 +142,8 @@ def train(run: Run) -> dict:
         "workload_hash": run.workload_hash, "diverged": diverged is not None,
         "diverged_at_step": diverged and diverged["step"], "diverged_reason": diverged and diverged["reason"],
         "steps": step, "tokens": step * run.tokens_per_step, "train_time_s": train_time,
+        "optimizer_step_time_s": opt_time,  # included in train_time_s
+        "optimizer_step_share": opt_time / train_time if train_time > 0 else None,
         "tokens_per_s": tokens_per_s, "n_params": raw_model.num_params(), "flops_per_token": fpt,
         # MFU against the *measured* matmul rate of this device in the run's precision (not a datasheet peak)
         "model_flops_per_s": tokens_per_s and tokens_per_s * fpt,

@@ -53,6 +53,8 @@ def test_run_writes_self_describing_records(smoke_run):
     assert summary["mfu_vs_measured_matmul"] == pytest.approx(
         summary["tokens_per_s"] * summary["flops_per_token"] / 1e9 / env_rate)
     assert 0 < summary["mfu_vs_measured_matmul"] < 1.5
+    assert 0 < summary["optimizer_step_time_s"] < summary["train_time_s"]
+    assert summary["optimizer_step_share"] == pytest.approx(summary["optimizer_step_time_s"] / summary["train_time_s"])
     for key in ("steps_to_target", "tokens_to_target", "train_time_to_target_s"):
         assert key in summary
 
