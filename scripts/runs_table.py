@@ -27,7 +27,8 @@ def load_runs(roots: list[Path]) -> list[dict]:
             summary = json.loads(summary_path.read_text())
             config = OmegaConf.load(summary_path.parent / "config.yaml")
             runs.append({**summary, "dir": str(summary_path.parent), "lr": config.optimizer.get("lr"),
-                         "opt_step_ms": 1e3 * summary["optimizer_step_time_s"] / max(summary["steps"], 1)})
+                         "opt_step_ms": None if summary.get("optimizer_step_time_s") is None  # older records
+                         else 1e3 * summary["optimizer_step_time_s"] / max(summary["steps"], 1)})
     return runs
 
 
