@@ -1,0 +1,69 @@
+"""NorMuon (Li, Liu, Liang, Chen & Zhao 2025, arXiv:2510.05491): Muon whose orthogonalized update is
+re-balanced across output neurons by an Adam-like second moment of each row.
+
+Per m x n matrix, after O = orthogonalize(Nesterov momentum) as in Muon (optimizers.md 5.2):
+
+    r_i = mean_j O_ij^2                     per-row mean square (row = output neuron of an (out, in) weight)
+    v  <- beta2 v + (1 - beta2) r           fp32, starts at 0, no bias correction
+    O^ = O / (sqrt(v) + 1e-10)              row-wise
+    O^ <- O^ ||O||_F / (||O^||_F + 1e-10)   keep the Frobenius norm of O
+    W  <- W (1 - lr wd) - lr s(m, n) O^     s: the Muon shape scale (keller by default)
+
+This is the official code's convention (zichongli5/NorMuon normuon.py). The paper instead fixes the update
+RMS: lr_hat = 0.2 lr sqrt(mn) / ||O^||_F; with scale=moonlight here the RMS is 0.2 only for an exact polar
+factor, so the two agree up to the back-end's inexactness.
+
+    python train.py experiment=bench_tiny optimizer=normuon optimizer.beta2=0.95
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from optimizers.groups import ParamSplit
+from optimizers.hybrid import Hybrid, with_aux_adamw
+from optimizers.muon import Muon, MuonSpec, scale_factor
+
+
+def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float) -> torch.Tensor:
+    """Row-normalized O with its Frobenius norm kept (steps 3-6 above), computed in v's dtype (fp32 in the
+    optimizer, as the official code's update.float()); updates the (m, 1) `v` in place."""
+    Ov = O.to(v.dtype)
+    v.lerp_(Ov.square().mean(dim=-1, keepdim=True), 1 - beta2)
+    normed = Ov / (v.sqrt() + 1e-10)
+    normed = normed * (Ov.norm() / (normed.norm() + 1e-10))
+    return normed.to(O.dtype)
+
+
+class NorMuon(Muon):
+    """Muon plus per-row second-moment normalization; `beta2` is the EMA factor of the row mean squares."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, beta2: float = 0.95, **kwargs):
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"beta2: must be in [0, 1) (got {beta2})")
+        super().__init__(params, lr=lr, momentum=momentum, **kwargs)
+        self.defaults["beta2"] = beta2  # groups added later get it from the defaults, these ones here
+        for group in self.param_groups:
+            group.setdefault("beta2", beta2)
+
+    def shape_update(self, p: torch.Tensor, O: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        if "second_momentum_buffer" not in state:
+            state["second_momentum_buffer"] = torch.zeros(p.size(0), 1, dtype=torch.float32, device=p.device)
+        normed = normuon_normalize(O, state["second_momentum_buffer"], group["beta2"])
+        return normed * scale_factor(p.shape, group["scale"])
+
+
+@dataclass
+class NorMuonSpec(MuonSpec):
+    beta2: float = 0.95  # EMA factor of the per-row mean squares (official default)
+
+    def validate(self, key: str = "optimizer") -> None:
+        super().validate(key)
+        if not 0.0 <= self.beta2 < 1.0:
+            raise ValueError(f"{key}.beta2: must be in [0, 1) (got {self.beta2})")
+
+    def build(self, split: ParamSplit) -> Hybrid:
+        hidden = [{"params": split.params("hidden"), "group": "hidden"}]
+        return with_aux_adamw(NorMuon(hidden, beta2=self.beta2, **self.matrix_kwargs()), split, self.aux)

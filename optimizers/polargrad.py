@@ -1,0 +1,146 @@
+"""PolarGrad (Lau, Long & Su, "PolarGrad: A Class of Matrix-Gradient Optimizers from a Unifying
+Preconditioning Perspective", arXiv:2505.21799) on the hidden matrices, AdamW on the rest.
+
+Muon steps along polar(M) with a length set by lr and the shape; PolarGrad scales that step by the nuclear
+norm ||M||_* = <M, polar(M)> (the dual norm of the spectral norm: steepest descent without normalisation),
+with no shape factor and no Nesterov (reference: timlautk/polargrad polar_grad.py; optimizers.md 2.3):
+
+    momentum-first (default):  M <- beta M + (1-beta) G;  U = polar(M);  W <- (1-lr wd) W - lr <M,U> U
+    polar-first:               U = polar(G);  nu = <G,U>;  M <- beta M + (1-beta) U;  W <- (1-lr wd) W - lr nu M
+
+The step length is proportional to ||M||_*, so the lr lives on another scale than Muon's (see the YAML).
+
+    python train.py experiment=bench_tiny optimizer=polargrad optimizer.lr=0.2 optimizer.backend=ns
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from optimizers.adamw import AdamWSpec
+from optimizers.groups import ParamSplit
+from optimizers.hybrid import Hybrid, with_aux_adamw
+from optimizers.muon import aux_adamw_default
+from optimizers.ortho import DTYPES, METHODS, compute_dtype, orthogonalize_many
+
+PolarMany = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+
+
+def polargrad_updates(grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor], *, momentum: float,
+                      polar_first: bool, polar: PolarMany) -> list[torch.Tensor]:
+    """The PolarGradM step directions (W moves by -lr times each); updates the momentum buffers in place.
+
+    `polar` maps a list of matrices to their polar factors (one batched call per shape). The nuclear norm
+    is <X, polar(X)> = tr(H) for X = U H (reference code: sum(X * U)), so no SVD is needed; with an inexact
+    polar factor (NS, Polar Express in bf16) it is only approximate (optimizers.md 2.6).
+    """
+    if polar_first:
+        out = []
+        for g, u, buf in zip(grads, polar(grads), bufs):
+            nu = (g * u).sum()  # ||G||_* of the current gradient scales the averaged polar factors
+            buf.lerp_(u, 1 - momentum)
+            out.append(buf * nu)
+        return out
+    for g, buf in zip(grads, bufs):
+        buf.lerp_(g, 1 - momentum)
+    return [u * (buf * u).sum() for buf, u in zip(bufs, polar(bufs))]
+
+
+class PolarGrad(torch.optim.Optimizer):
+    """PolarGradM over 2-D matrices: W <- (1 - lr wd) W - lr * extra_scale * ||M||_* polar(M).
+
+    `ns_steps`: iterations of the back-end (NS / Polar Express steps, QDWH's maximum; None = the back-end's
+    default, 5 or 10); `dtype`: the NS / Polar Express dtype (QDWH and SVD always run in fp32).
+    """
+
+    def __init__(self, params, lr: float = 0.4, momentum: float = 0.95, weight_decay: float = 0.0,
+                 polar_first: bool = False, backend: str = "qdwh", ns_steps: int | None = None,
+                 dtype: str = "auto", extra_scale: float = 1.0):
+        check_hparams("", lr=lr, momentum=momentum, weight_decay=weight_decay, backend=backend,
+                      ns_steps=ns_steps, dtype=dtype, extra_scale=extra_scale)
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "polar_first": polar_first,
+                    "backend": backend, "ns_steps": ns_steps, "dtype": dtype, "extra_scale": extra_scale}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.ndim != 2:
+                raise ValueError(f"PolarGrad takes 2-D matrices only; got a parameter of shape {tuple(p.shape)} "
+                                 "(give embeddings, gains and biases to AdamW)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            bufs = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(self.state[p]["momentum_buffer"])
+            dtype = compute_dtype(params[0].device, group["dtype"])
+
+            def polar(xs, group=group, dtype=dtype):
+                return orthogonalize_many(xs, group["backend"], group["ns_steps"], dtype)
+
+            updates = polargrad_updates([p.grad for p in params], bufs, momentum=group["momentum"],
+                                        polar_first=group["polar_first"], polar=polar)
+            for p, update in zip(params, updates):
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, without extra_scale
+                p.add_(update, alpha=-group["lr"] * group["extra_scale"])
+        return loss
+
+
+def check_hparams(prefix: str, *, lr: float, momentum: float, weight_decay: float, backend: str,
+                  ns_steps: int | None, dtype: str, extra_scale: float) -> None:
+    """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by the spec and the class)."""
+    if not lr > 0:
+        raise ValueError(f"{prefix}lr: must be > 0 (got {lr})")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"{prefix}momentum: must be in [0, 1) (got {momentum})")
+    if weight_decay < 0:
+        raise ValueError(f"{prefix}weight_decay: must be >= 0 (got {weight_decay})")
+    if backend not in METHODS:
+        raise ValueError(f"{prefix}backend: {backend!r} is not one of {', '.join(METHODS)}")
+    if ns_steps is not None and ns_steps < 1:
+        raise ValueError(f"{prefix}ns_steps: must be >= 1 or null (got {ns_steps})")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"{prefix}dtype: {dtype!r} is not auto, {', '.join(DTYPES)}")
+    if not extra_scale > 0:
+        raise ValueError(f"{prefix}extra_scale: must be > 0 (got {extra_scale})")
+
+
+@dataclass
+class PolarGradSpec:
+    lr: float = 0.4  # peak lr; multiplies ||M||_*, so not Muon's scale (measured: conf/optimizer/polargrad.yaml)
+    momentum: float = 0.95  # EMA beta: M <- beta M + (1 - beta) X
+    polar_first: bool = False  # True: average polar(G), scaled by the current ||G||_*
+    weight_decay: float = 0.0  # decoupled: W <- W (1 - lr * weight_decay); reference default 0
+    backend: str = "qdwh"  # qdwh | ns | polar_express | svd (optimizers/ortho.py)
+    ns_steps: int | None = None  # back-end iterations; None = its default (NS/PE 5, QDWH at most 10)
+    dtype: str = "auto"  # NS / Polar Express dtype: auto | fp32 | bf16 | fp64 (QDWH, SVD: fp32)
+    extra_scale: float = 1.0  # multiplies the step, not the decay (NVIDIA's extra_scale_factor)
+    aux: AdamWSpec = field(default_factory=aux_adamw_default)
+
+    def validate(self, key: str = "optimizer") -> None:
+        """Raise ValueError("<key>.<field>: ...") for impossible values, the auxiliary AdamW's included."""
+        check_hparams(f"{key}.", lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                      backend=self.backend, ns_steps=self.ns_steps, dtype=self.dtype,
+                      extra_scale=self.extra_scale)
+        self.aux.validate(f"{key}.aux")
+
+    def build(self, split: ParamSplit) -> Hybrid:
+        hidden = [{"params": split.params("hidden"), "group": "hidden"}]
+        opt = PolarGrad(hidden, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                        polar_first=self.polar_first, backend=self.backend, ns_steps=self.ns_steps,
+                        dtype=self.dtype, extra_scale=self.extra_scale)
+        return with_aux_adamw(opt, split, self.aux)
