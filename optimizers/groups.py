@@ -74,3 +74,11 @@ def split_parameters(
     if stale:
         raise ValueError(f"roles declared for parameters that are not trainable or do not exist: {sorted(stale)}")
     return split
+
+
+def require_matrices(optimizer_name: str, params) -> None:
+    """Matrix methods (Muon, PolarGrad, ...) are defined on 2-D weights only; refuse anything else clearly."""
+    for p in params:
+        if p.ndim != 2:
+            raise ValueError(f"{optimizer_name} takes 2-D matrices only; got a parameter of shape {tuple(p.shape)} "
+                             "(give embeddings, gains and biases to AdamW)")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from optimizers.adamw import AdamWSpec
-from optimizers.groups import ParamSplit
+from optimizers.groups import ParamSplit, require_matrices
 from optimizers.hybrid import Hybrid, with_aux_adamw
 from optimizers.ortho import DTYPES, METHODS, compute_dtype, orthogonalize, orthogonalize_many
 
@@ -102,10 +102,7 @@ class Muon(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.ndim != 2:
-                raise ValueError(f"{type(self).__name__} takes 2-D matrices only; got a parameter of shape "
-                                 f"{tuple(p.shape)} (give embeddings, gains and biases to AdamW)")
+        require_matrices(type(self).__name__, self.param_groups[-1]["params"])
 
     def transform_grad(self, p: torch.Tensor, grad: torch.Tensor, state: dict) -> torch.Tensor:
         return grad

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from optimizers.adamw import AdamWSpec
-from optimizers.groups import ParamSplit
+from optimizers.groups import ParamSplit, require_matrices
 from optimizers.hybrid import Hybrid, with_aux_adamw
 from optimizers.muon import aux_adamw_default
 from optimizers.ortho import DTYPES, METHODS, compute_dtype, orthogonalize_many
@@ -67,10 +67,7 @@ class PolarGrad(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.ndim != 2:
-                raise ValueError(f"PolarGrad takes 2-D matrices only; got a parameter of shape {tuple(p.shape)} "
-                                 "(give embeddings, gains and biases to AdamW)")
+        require_matrices("PolarGrad", self.param_groups[-1]["params"])
 
     @torch.no_grad()
     def step(self, closure=None):
