@@ -205,3 +205,18 @@ def test_every_optimizer_trains_end_to_end(kjv_dir, tmp_path, optimizer):
     assert s["optimizer"] == optimizer and not s["diverged"]
     assert s["final_val_loss"] < math.log(4096) - 0.5
     assert s["optimizer_step_time_s"] > 0
+
+
+@pytest.mark.slow
+def test_newton_muon_input_hooks_under_torch_compile(kjv_dir, tmp_path):
+    """The harness's forward hooks switch on and off between steps; under torch.compile they must still
+    deliver Newton-Muon's statistics (refresh every 4 steps; it raises if a refresh step gets no inputs)
+    and give eager's losses."""
+    args = ("optimizer=newton_muon", "optimizer.refresh_every=4", "optimizer.dtype=fp32")
+    run_train(tmp_path / "eager", *args)
+    run_train(tmp_path / "compiled", *args, "train.compile=true")
+    a = [m["train_loss"] for m in read_jsonl(tmp_path / "eager/metrics.jsonl") if "train_loss" in m]
+    b = [m["train_loss"] for m in read_jsonl(tmp_path / "compiled/metrics.jsonl") if "train_loss" in m]
+    assert len(a) == len(b) == 12
+    assert b == pytest.approx(a, rel=1e-4)
+    assert json.loads((tmp_path / "compiled/env.json").read_text())["compile"] is True
