@@ -32,6 +32,13 @@ class ParamInfo:
 @dataclass
 class ParamSplit:
     groups: dict[str, list[ParamInfo]] = field(default_factory=lambda: {g: [] for g in GROUPS})
+    # The model's attention layout, for optimizers that partition by head (Adam-mini):
+    # {"n_head", "n_kv_head", "head_dim"}; empty when the model declares none.
+    layout: dict[str, int] = field(default_factory=dict)
+
+    def infos(self, group: str | None = None) -> list[ParamInfo]:
+        """ParamInfo (name, param, role) of one group, or of all groups in GROUPS order."""
+        return list(self.groups[group]) if group else [i for g in GROUPS for i in self.groups[g]]
 
     def params(self, group: str) -> list[torch.nn.Parameter]:
         return [p.param for p in self.groups[group]]
@@ -48,13 +55,14 @@ def split_parameters(
     named_params: Iterable[tuple[str, torch.nn.Parameter]],
     roles: Mapping[str, str],
     role_group: Mapping[str, str],
+    layout: Mapping[str, int] | None = None,
 ) -> ParamSplit:
     """Assign every trainable parameter to one group through its declared role.
 
     Raises ValueError if a trainable parameter has no role, a role has no group, the same tensor appears
     twice, or a role is declared for a parameter that does not exist (a stale declaration).
     """
-    split, seen, names = ParamSplit(), set(), set()
+    split, seen, names = ParamSplit(layout=dict(layout or {})), set(), set()
     for name, p in named_params:
         if not p.requires_grad:
             continue

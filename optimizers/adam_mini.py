@@ -1,0 +1,213 @@
+"""Adam-mini (Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", arXiv:2406.16793): Adam with
+the full first moment m but one second-moment scalar v_b per block of parameters, so the optimizer state is
+about half of AdamW's. Here on every parameter group, with the v1.1 partition of the reference code
+(github.com/zyushun/Adam-mini, adam_mini.py 1.1.1; optimizers.md 4.3), taken from the declared roles:
+
+    attn_q, attn_k          one block per attention head (a GQA key has n_kv_head blocks)
+    attn_qkv                [q; k; v] rows: q and k per head, v per row (GPT-2's fused projection)
+    attn_v, attn_out,       one block per output neuron (row)
+    mlp_up/gate/down
+    embed, pos_embed, head  one block per row (= per token / position)
+    bias                    one block per element (full Adam), as the v1.1 reference code does
+    anything else           one block per tensor (norm gains, future scalars such as a PC gain)
+
+The reference matches parameter *names* by substring, which misreads fused projections (optimizers.md 4.7);
+roles make the partition explicit, and a head layout that does not fit the rows is an error.
+
+Update per block b (optimizers.md 4.2), lr eta, betas (beta1, beta2), weight decay lambda, step t:
+
+    W <- W (1 - eta lambda)                            (decoupled; not on gains and biases)
+    m <- beta1 m + (1 - beta1) g
+    v_b <- beta2 v_b + (1 - beta2) mean_{i in b} g_i^2
+    W <- W - eta (m / (1 - beta1^t)) / (sqrt(v_b / (1 - beta2^t)) + eps)
+
+    python train.py experiment=bench_tiny optimizer=adam_mini
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from optimizers.groups import GROUPS, ParamSplit
+
+# A partition of one tensor: segments (n_blocks, rows_per_block) over the rows of the tensor viewed as
+# (sum n_blocks * rows_per_block, -1); e.g. a GPT-2 fused QKV of d = 4 heads x 32 rows is
+# ((4, 32), (4, 32), (128, 1)). One block of one row is the whole tensor; (numel, 1) is one per element.
+Blocks = tuple[tuple[int, int], ...]
+
+ROW_ROLES = ("attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down", "embed", "pos_embed", "head")
+GRANULARITIES = ("block", "element")  # element: one v per entry, i.e. AdamW (a test of the maths)
+
+
+def _heads(role: str, layout: Mapping[str, int], *keys: str) -> list[int]:
+    missing = [k for k in (*keys, "head_dim") if not layout.get(k)]
+    if missing:
+        raise ValueError(f"Adam-mini: role {role!r} is split per head and needs the model's attention layout "
+                         f"{missing} (ParamSplit.layout, from model.attn_layout()); got {dict(layout)}")
+    return [layout[k] for k in (*keys, "head_dim")]
+
+
+def partition(role: str, shape: Sequence[int], layout: Mapping[str, int], granularity: str = "block") -> Blocks:
+    """The v1.1 blocks of a tensor of `shape` with declared `role` (module docstring); raises ValueError
+    when a per-head role's rows do not match the layout {"n_head", "n_kv_head", "head_dim"}."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if granularity == "element" or role == "bias":
+        return ((numel, 1),)
+    if role in ("attn_q", "attn_k", "attn_qkv") or role in ROW_ROLES:
+        if len(shape) != 2:
+            raise ValueError(f"Adam-mini: role {role!r} is a matrix but has shape {tuple(shape)}")
+        rows = shape[0]
+    if role in ("attn_q", "attn_k"):
+        heads, head_dim = _heads(role, layout, "n_head" if role == "attn_q" else "n_kv_head")
+        if rows != heads * head_dim:
+            raise ValueError(f"Adam-mini: role {role!r} has {rows} rows, not {heads} heads x head_dim "
+                             f"{head_dim} = {heads * head_dim} (layout {dict(layout)})")
+        return ((heads, head_dim),)
+    if role == "attn_qkv":
+        n_q, n_kv, head_dim = _heads(role, layout, "n_head", "n_kv_head")
+        if rows != (n_q + 2 * n_kv) * head_dim:
+            raise ValueError(f"Adam-mini: role 'attn_qkv' has {rows} rows, not [q; k; v] = (n_head {n_q} + "
+                             f"2 x n_kv_head {n_kv}) x head_dim {head_dim} = {(n_q + 2 * n_kv) * head_dim}")
+        return ((n_q, head_dim), (n_kv, head_dim), (n_kv * head_dim, 1))
+    if role in ROW_ROLES:
+        return ((rows, 1),)
+    return ((1, 1),)
+
+
+def rule_name(role: str, granularity: str = "block") -> str:
+    """How `partition` splits a role, in words (for the summary)."""
+    if granularity == "element" or role == "bias":
+        return "per element"
+    return {"attn_q": "per head", "attn_k": "per kv head", "attn_qkv": "q,k per head; v per row",
+            **dict.fromkeys(ROW_ROLES, "per row")}.get(role, "per tensor")
+
+
+def adam_mini_update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, blocks: Blocks,
+                     step: int, lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
+    """One Adam-mini step of one tensor (optimizers.md 4.2), in place on p, m (p's shape) and v (one scalar
+    per block, in `blocks` order); `step` counts this update (1 for the first). The operations follow
+    torch's single-tensor AdamW in order, so one block per element reproduces AdamW (to rounding)."""
+    beta1, beta2 = betas
+    rows = [n * r for n, r in blocks]
+    R = sum(rows)
+    # v_b <- beta2 v_b + mean_b((1 - beta2) g g): (1 - beta2) g g is formed as torch's AdamW forms it, so one
+    # block per element is AdamW up to its CPU addcmul fusing the add (~1 ulp of v per step; tests).
+    g2 = grad.mul(1 - beta2).mul_(grad).reshape(R, -1).split(rows)
+    v.mul_(beta2).add_(torch.cat([s.reshape(n, -1).mean(dim=1) for s, (n, _) in zip(g2, blocks)]))
+    if weight_decay:
+        p.mul_(1 - lr * weight_decay)
+    m.lerp_(grad, 1 - beta1)
+    bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+    denom = (v.sqrt() / bias_correction2**0.5).add_(eps)  # sqrt(v_b / (1 - beta2^t)) + eps, per block
+    # Each block's denominator broadcasts over its rows: segment (n, r) is viewed as (n, r * cols).
+    for P, M, D, (n, _) in zip(p.view(R, -1).split(rows), m.view(R, -1).split(rows),
+                               denom.split([n for n, _ in blocks]), blocks):
+        P.view(n, -1).addcdiv_(M.view(n, -1), D[:, None], value=-lr / bias_correction1)
+
+
+def check_hparams(prefix: str, *, lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
+    """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by AdamMiniSpec and AdamMini)."""
+    if not lr > 0:
+        raise ValueError(f"{prefix}lr: must be > 0 (got {lr})")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{prefix}betas: need two values in [0, 1) (got {list(betas)})")
+    if not eps > 0:
+        raise ValueError(f"{prefix}eps: must be > 0 (got {eps})")
+    if weight_decay < 0:
+        raise ValueError(f"{prefix}weight_decay: must be >= 0 (got {weight_decay})")
+
+
+class AdamMini(torch.optim.Optimizer):
+    """Adam-mini over param groups whose dicts carry "roles" (one declared role per parameter); the model's
+    attention `layout` is needed for per-head roles. Each group gets "blocks", its parameters' partitions
+    (saved with the state dict, so a loaded state always matches its v shapes).
+
+    State per parameter: "step" (int), "m" (p's shape and dtype), "v" (one scalar per block, p's dtype,
+    as torch's AdamW keeps its moments). `granularity="element"` makes every entry a block: AdamW exactly.
+    """
+
+    def __init__(self, params, lr: float = 3e-3, betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1, *, layout: Mapping[str, int] | None = None,
+                 granularity: str = "block"):
+        check_hparams("", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity: {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        self.layout, self.granularity = dict(layout or {}), granularity
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        roles = group.get("roles")
+        if roles is None or len(roles) != len(group["params"]):
+            raise ValueError("AdamMini: each param group needs 'roles', one declared role per parameter "
+                             f"(got {roles!r} for {len(group['params'])} parameters)")
+        group["roles"] = list(roles)
+        group["blocks"] = [partition(r, p.shape, self.layout, self.granularity) for p, r in zip(group["params"], roles)]
+
+    def summary(self) -> str:
+        """Per role: tensors, parameters and second-moment scalars (= blocks), and the totals vs AdamW."""
+        rows: dict[str, list[int]] = {}
+        for group in self.param_groups:
+            for p, role, blocks in zip(group["params"], group["roles"], group["blocks"]):
+                row = rows.setdefault(role, [0, 0, 0])
+                row[0], row[1], row[2] = row[0] + 1, row[1] + p.numel(), row[2] + sum(n for n, _ in blocks)
+        lines = [f"Adam-mini partition (v1.1, one v scalar per block; layout {self.layout or 'none'}):",
+                 f"  {'role':<10} {'partition':<24} {'tensors':>7} {'params':>14} {'v scalars':>11}"]
+        lines += [f"  {role:<10} {rule_name(role, self.granularity):<24} {t:>7} {n:>14,} {b:>11,}"
+                  for role, (t, n, b) in rows.items()]
+        t, n, b = (sum(r[i] for r in rows.values()) for i in range(3))
+        lines.append(f"  {'total':<35} {t:>7} {n:>14,} {b:>11,}  (state m + v = {(n + b) / (2 * n):.4f} "
+                     "x AdamW's m + v)")
+        return "\n".join(lines)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p, blocks in zip(group["params"], group["blocks"]):
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["v"] = p.new_zeros(sum(n for n, _ in blocks))
+                state["step"] += 1
+                adam_mini_update(p, p.grad, state["m"], state["v"], blocks=blocks, step=state["step"],
+                                 lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                 weight_decay=group["weight_decay"])
+        return loss
+
+
+@dataclass
+class AdamMiniSpec:
+    lr: float = 3e-3  # peak lr; the schedule multiplies it. AdamW's here, as the README advises reusing it
+    # AdamW's betas here, so the two compare at equal settings; the paper and reference code use (0.9, 0.999)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled, on matrices, embeddings and head; never on gains/biases
+
+    def validate(self, key: str = "optimizer") -> None:
+        """Raise ValueError("<key>.<field>: ...") for impossible values (key = where this spec sits)."""
+        check_hparams(f"{key}.", lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+    def build(self, split: ParamSplit) -> AdamMini:
+        """Adam-mini over the four groups of the split, partitioned by role; prints the partition."""
+        groups = [
+            {"params": [i.param for i in infos], "roles": [i.role for i in infos], "group": g,
+             "weight_decay": 0.0 if g == "gain_bias" else self.weight_decay}
+            for g in GROUPS if (infos := split.infos(g))
+        ]
+        opt = AdamMini(groups, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
+                       layout=split.layout)
+        print(opt.summary())
+        return opt
