@@ -1,8 +1,9 @@
 """What every model family shares: role declarations and the `CausalLM` base class.
 
-A layer declares its role where it is built (`declare(nn.Linear(...), "attn_qkv")`) and `collect_roles`
-reads the declarations back, failing if any parameter is unclaimed. `CausalLM` derives initialisation,
-parameter counts and FLOPs from roles.
+A layer declares its role where it is built (`declare(nn.Linear(...), "attn_qkv")`, or `linear(cfg, ...)`,
+which builds a PC layer where `cfg.pc_level` asks for one) and `collect_roles` reads the declarations back,
+failing if any parameter is unclaimed. `CausalLM` derives initialisation, parameter counts and FLOPs from
+roles.
 
     python -c "from models import ModelConfig, build_model; print(build_model(ModelConfig()).param_roles())"
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ROLE_GROUP, ROLES, ModelConfig
+from models.pc import PCLinear, pc_applies, pc_layers
 
 
 def declare(module: nn.Module, role: str) -> nn.Module:
@@ -26,6 +28,15 @@ def declare(module: nn.Module, role: str) -> nn.Module:
     return module
 
 
+def linear(cfg: ModelConfig, d_in: int, d_out: int, role: str, bias: bool = True, blocks: int = 1) -> nn.Linear:
+    """A declared (d_in -> d_out) linear layer: a PCLinear when the config preconditions `role`, with
+    `blocks` row blocks preconditioned separately (GPT-2's fused QKV: 3), else a plain nn.Linear."""
+    if pc_applies(cfg, role):
+        return declare(PCLinear(d_in, d_out, bias, level=cfg.pc_level, power_iters=cfg.pc_power_iters,
+                                blocks=blocks), role)
+    return declare(nn.Linear(d_in, d_out, bias), role)
+
+
 def collect_roles(model: nn.Module) -> dict[str, str]:
     """Map each name of `model.named_parameters()` to its declared role; every parameter must be declared."""
     declared = {}
@@ -33,11 +44,13 @@ def collect_roles(model: nn.Module) -> dict[str, str]:
         role = getattr(module, "role", None)
         if role is None:
             continue
+        # A LayerNorm's bias is a bias; its weight (the gain) carries the module's role "norm". A module
+        # may name roles for its other parameters (PCLinear: gamma -> "pc_gain"); any parameter left
+        # stays undeclared and is reported below.
+        local_roles = {"weight": role, "bias": "bias", **getattr(module, "local_roles", {})}
         for local, _ in module.named_parameters(recurse=False):
-            # A LayerNorm's bias is a bias; its weight (the gain) carries the module's role "norm". Any
-            # other parameter of a declared module stays undeclared and is reported below.
-            if local in ("weight", "bias"):
-                declared[f"{prefix}.{local}" if prefix else local] = role if local == "weight" else "bias"
+            if local in local_roles:
+                declared[f"{prefix}.{local}" if prefix else local] = local_roles[local]
     names = [name for name, _ in model.named_parameters()]
     missing = sorted(set(names) - set(declared))
     if missing:
@@ -54,17 +67,25 @@ class CausalLM(nn.Module):
     def param_roles(self) -> dict[str, str]:
         return collect_roles(self)
 
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop after every optimizer step: PC layers refresh their spectral-norm
+        estimate on the updated weights (design/optimizers.md 6.2); a no-op for plain models."""
+        for layer in pc_layers(self):
+            layer.refresh()
+
     def attn_layout(self) -> dict:
         return {"n_head": self.cfg.n_head, "n_kv_head": self.cfg.kv_heads, "head_dim": self.cfg.head_dim}
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """N(0, init_std) matrices, unit gains, zero biases; the two projections that write into the
-        residual stream (attn_out, mlp_down) get std / sqrt(2 * n_layer) (GPT-2 paper, section 2.3)."""
+        residual stream (attn_out, mlp_down) get std / sqrt(2 * n_layer) (GPT-2 paper, section 2.3).
+        PC layers: gains γ = 1, and u, v drawn after all weights, so W equals the plain model's W."""
         std = self.cfg.init_std
         for name, role in self.param_roles().items():
             p = self.get_parameter(name)
-            if role == "norm":
+            if role in ("norm", "pc_gain"):
                 p.fill_(1.0)
             elif role == "bias":
                 p.zero_()
@@ -72,6 +93,8 @@ class CausalLM(nn.Module):
                 p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 p.normal_(0.0, std)
+        for layer in pc_layers(self):
+            layer.reset_estimate()
 
     def num_params(self, non_embedding: bool = False) -> int:
         """All parameters; with non_embedding, minus the lookup tables (position embeddings, and the
@@ -95,6 +118,15 @@ class CausalLM(nn.Module):
         gains = sum(p.numel() for name, p in self.named_parameters() if ROLE_GROUP[roles[name]] == "gain_bias")
         n_matmul = self.num_params(non_embedding=True) - gains
         return 6.0 * n_matmul + 6.0 * self.cfg.n_layer * self.cfg.d_model * seq_len
+
+    def pc_flops_per_forward(self) -> float:
+        """Extra FLOPs of the PC polynomials in one forward pass (design/optimizers.md 6.5), 0 without PC.
+
+        Per wrapped matrix: 4·M·k² + 2·(level - 1)·k³ (M, k = larger, smaller side). Independent of the
+        number of tokens, so not part of flops_per_token: it is paid once per forward, i.e. per micro-batch
+        (grad_accum times per step), and backward adds about 2x. The power-iteration refresh after each
+        optimizer step adds 4·out·in·pc_power_iters per matrix, not counted here."""
+        return float(sum(layer.poly_flops() for layer in pc_layers(self)))
 
     def check_length(self, idx: torch.Tensor) -> None:
         if idx.size(1) > self.cfg.block_size:

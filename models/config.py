@@ -15,10 +15,11 @@ FAMILIES = ("gpt2", "llama")
 
 # Every trainable tensor has exactly one role; optimizers see only roles, never parameter names.
 ROLES = ("embed", "pos_embed", "head", "attn_qkv", "attn_q", "attn_k", "attn_v", "attn_out",
-         "mlp_up", "mlp_gate", "mlp_down", "norm", "bias")
+         "mlp_up", "mlp_gate", "mlp_down", "norm", "bias", "pc_gain")
 # The coarse split every optimizer uses (matrix methods act on "hidden", AdamW takes the rest).
 ROLE_GROUP = {"embed": "embedding", "pos_embed": "embedding", "head": "head", "norm": "gain_bias",
-              "bias": "gain_bias", **{r: "hidden" for r in ROLES if r.startswith(("attn_", "mlp_"))}}
+              "bias": "gain_bias", "pc_gain": "gain_bias",  # pc_gain: a PC layer's scalar gain (models/pc.py)
+              **{r: "hidden" for r in ROLES if r.startswith(("attn_", "mlp_"))}}
 
 
 @dataclass
@@ -34,6 +35,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # llama only
     init_std: float = 0.02
+    # PC layer (models/pc.py, arXiv:2606.06470). The harness leaves pc_* out of the workload hash: a method
+    # option, compared on the same workload as the plain model.
+    pc_level: int = 0  # 0 = off; 1-4 = degree of the polynomial p (the paper: 4 with AdamW, 2 with Muon)
+    pc_qkv: bool = False  # also precondition Q, K, V (reference default: off); ignored when pc_level = 0
+    pc_power_iters: int = 10  # power-iteration steps refreshing the estimate of sigma_max after each step
 
     @property
     def kv_heads(self) -> int:
@@ -72,3 +78,7 @@ class ModelConfig:
         for key in ("norm_eps", "rope_theta", "init_std"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"model.{key}: must be > 0 (got {getattr(self, key)})")
+        if self.pc_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"model.pc_level: must be 0 (off) or a polynomial degree 1-4 (got {self.pc_level})")
+        if self.pc_power_iters <= 0:
+            raise ValueError(f"model.pc_power_iters: must be > 0 (got {self.pc_power_iters})")

@@ -2,6 +2,8 @@
 absolute positions, token embedding tied to the output head, no dropout.
 
 Parameter names equal Hugging Face's GPT2LMHeadModel (models/hf.py only transposes its Conv1D weights).
+With model.pc_level > 0 the MLP and attention-output layers (and the fused QKV, as three blocks q, k, v,
+with model.pc_qkv) are PC layers (models/pc.py); models/hf.py exports their merged weights.
 
     python -c "from models import ModelConfig, build_model; print(build_model(ModelConfig()).num_params())"
 """
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import CausalLM, declare
+from models.base import CausalLM, declare, linear
 from models.config import ModelConfig
 
 
@@ -20,8 +22,8 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = declare(nn.Linear(cfg.d_model, 3 * cfg.d_model), "attn_qkv")  # rows: [q; k; v]
-        self.c_proj = declare(nn.Linear(cfg.d_model, cfg.d_model), "attn_out")
+        self.c_attn = linear(cfg, cfg.d_model, 3 * cfg.d_model, "attn_qkv", blocks=3)  # rows: [q; k; v]
+        self.c_proj = linear(cfg, cfg.d_model, cfg.d_model, "attn_out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -35,8 +37,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = declare(nn.Linear(cfg.d_model, cfg.ffn_dim), "mlp_up")
-        self.c_proj = declare(nn.Linear(cfg.ffn_dim, cfg.d_model), "mlp_down")
+        self.c_fc = linear(cfg, cfg.d_model, cfg.ffn_dim, "mlp_up")
+        self.c_proj = linear(cfg, cfg.ffn_dim, cfg.d_model, "mlp_down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The tanh approximation is GPT-2's original "gelu_new", so logits match Hugging Face exactly.

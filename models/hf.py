@@ -1,8 +1,9 @@
 """Conversion between our models and Hugging Face transformers (GPT2LMHeadModel, LlamaForCausalLM).
 
 Parameter names are the same on both sides; the only difference is that Hugging Face's GPT-2 stores its
-linear layers as Conv1D with (in, out) weights, which we transpose. Kept out of models/__init__ so that
-importing the models does not import transformers.
+linear layers as Conv1D with (in, out) weights, which we transpose. A model with PC layers (models/pc.py)
+is exported through its merged weights W_eff (Hugging Face has no PC layer; the function is the same).
+Kept out of models/__init__ so that importing the models does not import transformers.
 
     python -c "from models import ModelConfig as C, build_model; from models.hf import to_hf; print(to_hf(build_model(C())))"
 """
@@ -14,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.pytorch_utils import Conv1D
 
 from models import ModelConfig, build_model
+from models.pc import merge_pc
 
 
 def hf_config(cfg: ModelConfig) -> GPT2Config | LlamaConfig:
@@ -71,7 +73,10 @@ def _conv1d_weights(hf: PreTrainedModel) -> set[str]:
 
 @torch.no_grad()
 def to_hf(model: torch.nn.Module) -> PreTrainedModel:
-    """A Hugging Face model with our model's weights (copied, fp32), in eval mode."""
+    """A Hugging Face model with our model's weights (copied, fp32), in eval mode; PC layers are merged
+    first (their effective weights are exported, `model` itself is unchanged)."""
+    if model.cfg.pc_level:
+        model = merge_pc(model)
     cls = GPT2LMHeadModel if model.cfg.family == "gpt2" else LlamaForCausalLM
     hf = cls(hf_config(model.cfg)).float().eval()
     transposed = _conv1d_weights(hf)

@@ -3,6 +3,8 @@ optional grouped-query attention (n_kv_head < n_head), untied output head, no bi
 
 Parameter names and the RoPE convention (rotate_half, as in Hugging Face's LlamaForCausalLM) equal
 Hugging Face's, so models/hf.py copies weights one to one.
+With model.pc_level > 0 the MLP and attention-output layers (and Q, K, V with model.pc_qkv) are PC
+layers (models/pc.py); models/hf.py exports their merged weights.
 
     python -c "from models import ModelConfig, build_model; print(build_model(ModelConfig(family='llama')))"
 """
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import CausalLM, declare
+from models.base import CausalLM, declare, linear
 from models.config import ModelConfig
 
 
@@ -50,10 +52,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         kv_dim = cfg.kv_heads * cfg.head_dim
-        self.q_proj = declare(nn.Linear(cfg.d_model, cfg.d_model, bias=False), "attn_q")
-        self.k_proj = declare(nn.Linear(cfg.d_model, kv_dim, bias=False), "attn_k")
-        self.v_proj = declare(nn.Linear(cfg.d_model, kv_dim, bias=False), "attn_v")
-        self.o_proj = declare(nn.Linear(cfg.d_model, cfg.d_model, bias=False), "attn_out")
+        self.q_proj = linear(cfg, cfg.d_model, cfg.d_model, "attn_q", bias=False)
+        self.k_proj = linear(cfg, cfg.d_model, kv_dim, "attn_k", bias=False)
+        self.v_proj = linear(cfg, cfg.d_model, kv_dim, "attn_v", bias=False)
+        self.o_proj = linear(cfg, cfg.d_model, cfg.d_model, "attn_out", bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -72,9 +74,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = declare(nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False), "mlp_gate")
-        self.up_proj = declare(nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False), "mlp_up")
-        self.down_proj = declare(nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False), "mlp_down")
+        self.gate_proj = linear(cfg, cfg.d_model, cfg.ffn_dim, "mlp_gate", bias=False)
+        self.up_proj = linear(cfg, cfg.d_model, cfg.ffn_dim, "mlp_up", bias=False)
+        self.down_proj = linear(cfg, cfg.ffn_dim, cfg.d_model, "mlp_down", bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -4,7 +4,8 @@ Face directory loadable with `AutoModelForCausalLM.from_pretrained(OUT_DIR)`.
     python scripts/export_hf.py results/runs/my_run exports/my_run
 
 Reads RUN_DIR/model_final.pt (written by train.py) and, for the tokenizer, `data.dir` from
-RUN_DIR/config.yaml. Exit code 2 when an input is missing or unreadable.
+RUN_DIR/config.yaml. A model with PC layers (model.pc_level > 0) is exported with its merged weights
+(models/pc.py merge_pc: the same outputs). Exit code 2 when an input is missing or unreadable.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from transformers import PreTrainedTokenizerFast
 
 from models import ModelConfig, build_model
 from models.hf import to_hf
+from models.pc import merge_pc
+
+# What torch.load and load_state_dict raise on a file that is not a model_final.pt of this code.
+LOAD_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError)
 
 
 def fail(msg: str) -> int:
@@ -42,6 +47,15 @@ def tokenizer_file(run_dir: Path) -> Path | None:
     return path / "tokenizer.json" if (path / "tokenizer.json").is_file() else None
 
 
+def load_model(ckpt: Path) -> torch.nn.Module:
+    """The model saved in a model_final.pt, on the CPU; raises one of LOAD_ERRORS if it is not one."""
+    payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig(**payload["model_config"]))
+    # A torch.compile'd model saves its weights under "_orig_mod."; the weights are the same.
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in payload["state_dict"].items()})
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -52,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     if not ckpt.is_file():
         return fail(f"{ckpt} not found (train.py writes it at the end of a run with train.save_final=true)")
     try:
-        payload = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model = build_model(ModelConfig(**payload["model_config"]))
-        # A torch.compile'd model saves its weights under "_orig_mod."; the weights are the same.
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in payload["state_dict"].items()})
-    except (KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        model = load_model(ckpt)
+    except LOAD_ERRORS as e:
         return fail(f"{ckpt}: not a model_final.pt of this code ({type(e).__name__}: {e})")
 
+    if model.cfg.pc_level:
+        print(f"merging the PC layers (model.pc_level={model.cfg.pc_level}) into plain weights")
+        model = merge_pc(model)
     hf = to_hf(model)
     hf.save_pretrained(args.out_dir)
     print(f"saved {type(hf).__name__} ({model.num_params():,} parameters) to {args.out_dir}")

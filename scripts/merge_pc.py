@@ -1,0 +1,64 @@
+"""Fold a finished run's PC layers (model.pc_level > 0) into plain weights W_eff = γ · s · f(W / s), so the
+model runs without the per-step polynomial (models/pc.py; Wang et al., arXiv:2606.06470, section 6.2).
+
+    python scripts/merge_pc.py results/runs/my_pc_run exports/my_pc_run_merged
+    python scripts/export_hf.py exports/my_pc_run_merged exports/my_pc_run_hf  # optional; it also merges
+
+Reads RUN_DIR/model_final.pt (written by train.py) and writes OUT_DIR/model_final.pt in the same format,
+with model.pc_level = 0, plus OUT_DIR/config.yaml (RUN_DIR's, with the merged model node) when RUN_DIR has
+one, so that scripts/export_hf.py still finds the run's tokenizer. A model without PC layers is written
+unchanged. Exit code 2 when an input is missing or unreadable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # scripts/ is not a package; the repository root holds models/
+
+import torch
+from export_hf import LOAD_ERRORS, load_model  # sibling script: scripts/ is sys.path[0] when run
+from omegaconf import OmegaConf
+
+from models.pc import merge_pc
+
+
+def fail(msg: str) -> int:
+    print(f"merge_pc: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+
+    ckpt = args.run_dir / "model_final.pt"
+    if not ckpt.is_file():
+        return fail(f"{ckpt} not found (train.py writes it at the end of a run with train.save_final=true)")
+    try:
+        model = load_model(ckpt)
+    except LOAD_ERRORS as e:
+        return fail(f"{ckpt}: not a model_final.pt of this code ({type(e).__name__}: {e})")
+
+    level = model.cfg.pc_level
+    plain = merge_pc(model) if level else model
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(plain.cfg)
+    torch.save({"model_config": config, "state_dict": plain.state_dict()}, args.out_dir / "model_final.pt")
+    if (args.run_dir / "config.yaml").is_file():
+        run_config = OmegaConf.load(args.run_dir / "config.yaml")
+        run_config.model = config
+        OmegaConf.save(run_config, args.out_dir / "config.yaml")
+    done = f"merged PC level {level}" if level else "no PC layers; written unchanged"
+    print(f"{done}: {plain.num_params():,} parameters -> {args.out_dir / 'model_final.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
