@@ -1,11 +1,12 @@
-# optbench: `make bench` trains on the embedded corpus; `make test` runs the test suite. Both set up .venv first.
+# optbench: `make bench` runs the default benchmark (every optimizer, equal tuning budget, seeds, report) on the
+# embedded corpus; `make test` runs the test suite. Both set up .venv first.
 # `make help` lists every target.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DATA    := data/cache/kjv/meta.json
 ARGS    ?=
 
-.PHONY: help setup data bench test test-all lint clean-venv
+.PHONY: help setup data bench bench-hour test test-all lint clean-venv
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,8 +23,11 @@ $(DATA): $(STAMP)
 
 data: $(DATA)  ## prepare the embedded KJV corpus (tokenizer + shards, offline, cached)
 
-bench: $(DATA)  ## train GPT-2 tiny with AdamW on the embedded corpus (a few minutes on 2 CPU cores)
-	$(PY) train.py experiment=bench_tiny $(ARGS)
+bench: $(DATA)  ## the default benchmark: 9 methods x (3 trials + 2 seeds) on GPT-2 micro, then the report (~8 min)
+	$(PY) scripts/bench.py tiny $(ARGS)
+
+bench-hour: $(DATA)  ## the larger CPU benchmark: 9 methods x (5 trials + 3 seeds) on GPT-2 tiny (~1 h)
+	$(PY) scripts/bench.py cpu_hour $(ARGS)
 
 test: $(STAMP)  ## the default test suite (slow and GPU tests excluded)
 	$(PY) -m pytest $(ARGS)

@@ -56,16 +56,37 @@ class TrainConfig:
     log_every: int = 1  # steps between metrics lines
     progress: bool = True  # tqdm progress bar
     save_final: bool = True  # write model_final.pt (for scripts/export_hf.py)
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (benchmarks running jobs in parallel set 1)
+    # A run directory that already holds a complete run of the same workload is skipped (its summary is kept),
+    # one holding an incomplete run is moved aside to <dir>.broken-<time> and rerun. Off: such a directory is
+    # refused. Benchmarks turn it on so that re-running a benchmark only runs what is missing.
+    skip_complete: bool = False
+    # A training loss above diverge_factor x the step-0 validation loss (or a non-finite one) ends the run as
+    # diverged (protocol.md: blown-up runs count as diverged, steps to target infinite).
+    diverge_factor: float = 1.5
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = False
+    enabled: bool = False  # conf/logger/wandb.yaml turns it on, conf/logger/none.yaml off
     project: str = "optbench"
     entity: str | None = None
-    mode: str = "online"  # online | offline
-    group: str | None = None
+    # auto: online when an API key is configured (WANDB_API_KEY or a netrc entry), else offline at once,
+    # without waiting on the network; `wandb sync <run_dir>/wandb/offline-run-*` uploads later.
+    mode: str = "auto"  # auto | online | offline
+    group: str | None = None  # default: the benchmark name (bench.name), else the experiment
+    job_type: str | None = None  # default: the benchmark arm (bench.arm), else the optimizer
     tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchTag:
+    """Where a run sits in a benchmark (scripts/bench.py writes these); empty for a standalone run."""
+
+    name: str | None = None  # the benchmark (conf/bench/<name>.yaml)
+    arm: str | None = None  # the compared method: an optimizer plus method options (e.g. adamw_pc)
+    phase: str | None = None  # tune | seed
+    trial: str | None = None  # the setting's id within the arm's grid (e.g. "optimizer.lr=0.003")
 
 
 @dataclass
@@ -76,6 +97,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    bench: BenchTag = field(default_factory=BenchTag)
     seed: int = 0  # model-initialisation seed; the data order has its own data.seed
     name: str = "run"  # free-form label, used in the default run directory
     experiment: str | None = None  # set by conf/experiment/*.yaml to its own name
@@ -158,6 +180,12 @@ def validate(cfg: Config) -> Any:
         raise ConfigError(f"schedule.min_lr_frac: must be in [0, 1] (got {s.min_lr_frac})")
     if not 0.0 < s.decay_frac <= 1.0:
         raise ConfigError(f"schedule.decay_frac: must be in (0, 1] (got {s.decay_frac})")
-    if cfg.wandb.mode not in ("online", "offline"):
-        raise ConfigError(f"wandb.mode: {cfg.wandb.mode!r} is not online or offline")
+    if cfg.wandb.mode not in ("auto", "online", "offline"):
+        raise ConfigError(f"wandb.mode: {cfg.wandb.mode!r} is not auto, online or offline")
+    if t.threads < 0:
+        raise ConfigError(f"train.threads: must be >= 0 (got {t.threads})")
+    if not t.diverge_factor > 1.0:
+        raise ConfigError(f"train.diverge_factor: must be > 1 (got {t.diverge_factor})")
+    if cfg.bench.phase not in (None, "tune", "seed"):
+        raise ConfigError(f"bench.phase: {cfg.bench.phase!r} is not tune or seed")
     return build_optimizer_spec(cfg.optimizer)

@@ -55,7 +55,7 @@ def bf16_is_fast(device: torch.device) -> bool:
     """True when bf16 matmuls run at least at half the fp32 rate on this device (always on CUDA with bf16)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    r = matmul_rates(str(device))
+    r = matmul_rates(str(device), 512)  # the arguments train.py uses, so the cached measurement is shared
     return r["bfloat16"] >= 0.5 * r["float32"]
 
 

@@ -6,7 +6,9 @@ causes) with a one-line message; nothing has been written to the run directory a
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,10 +63,26 @@ def to_typed(dcfg: DictConfig) -> Config:
         raise ConfigError(f"{getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse a directory that already holds a run's records: results are never overwritten."""
+def complete_summary(run_dir: Path) -> dict | None:
+    """The run's summary.json if it is a complete record (parseable, with a workload hash), else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("workload_hash") else None
+
+
+def check_run_dir(run_dir: Path, skip_complete: bool = False) -> None:
+    """Refuse a directory that already holds a run's records: results are never overwritten. With
+    skip_complete (benchmarks), an incomplete record is moved aside to <dir>.broken-<time> (kept, never
+    deleted) so the run starts afresh; a complete one is handled by the caller (skipped)."""
     taken = [f for f in RECORD_FILES if (run_dir / f).exists()]
-    if taken:
+    if taken and skip_complete and complete_summary(run_dir) is None:
+        aside = run_dir.with_name(f"{run_dir.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"incomplete run in {run_dir} (has {', '.join(taken)}, no valid summary.json): moved to {aside}, "
+              "rerunning", flush=True)
+    elif taken:
         raise SetupError(f"run directory {run_dir} already holds {', '.join(taken)}; choose a new hydra.run.dir "
                          "(results are never overwritten)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,10 +94,26 @@ def check_run_dir(run_dir: Path) -> None:
         raise SetupError(f"run directory {run_dir} is not writable ({e.strerror})") from None
 
 
-def setup(dcfg: DictConfig, run_dir: Path) -> Run:
+def workload_of(cfg: Config, data: TokenData) -> dict[str, Any]:
+    """The fields that define a workload (protocol.md): results are only compared within one. The PC layer's
+    `model.pc_*` options are excluded: the PC layer is compared as a method on the same workload (its
+    runs record pc_level in their summary)."""
+    t = cfg.train
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if not k.startswith("pc_")}
+    return {"model": model, "data": data.identity(), "seq_len": t.seq_len,
+            "global_batch_tokens": t.global_batch_size * t.seq_len, "max_steps": t.max_steps,
+            "val_tokens": data.num_val_tokens, "eval_steps": eval_steps(t), "target_loss": t.target_loss}
+
+
+def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
+    """The Run to train, or, with train.skip_complete and a complete record of the same workload already in
+    run_dir, that record's summary (nothing to do)."""
     cfg = to_typed(dcfg)
     spec = validate(cfg)
-    check_run_dir(run_dir)
+    done = complete_summary(run_dir) if cfg.train.skip_complete else None
+    check_run_dir(run_dir, skip_complete=cfg.train.skip_complete and done is None)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     ws = world_size()
     if ws != 1:
@@ -92,9 +126,15 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run:
         raise DataError(f"{data_dir}: token id {data.max_token_id} is outside model.vocab_size="
                         f"{cfg.model.vocab_size}")
 
+    if done is not None:
+        if done["workload_hash"] != workload_hash(workload_of(cfg, data)):
+            raise SetupError(f"run directory {run_dir} holds a complete run of another workload "
+                             f"({done['workload_hash'][:12]}); results of different workloads are never mixed")
+        return done
+
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
-    split = split_parameters(model.named_parameters(), model.param_roles(), ROLE_GROUP)
+    split = split_parameters(model.named_parameters(), model.param_roles(), ROLE_GROUP, model.attn_layout())
     optimizer = spec.build(split)
     for group in optimizer.param_groups:  # the schedule scales this peak value at every step
         group["peak_lr"] = group["lr"]
@@ -103,11 +143,7 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run:
     t = cfg.train
     grad_accum = t.global_batch_size // (t.micro_batch_size * ws)
     tokens_per_step = t.global_batch_size * t.seq_len
-    workload = {
-        "model": dataclasses.asdict(cfg.model), "data": data.identity(), "seq_len": t.seq_len,
-        "global_batch_tokens": tokens_per_step, "max_steps": t.max_steps, "val_tokens": data.num_val_tokens,
-        "eval_steps": eval_steps(t), "target_loss": t.target_loss,
-    }
+    workload = workload_of(cfg, data)
     precision = resolve_precision(t.precision, device)
     return Run(cfg=cfg, resolved=OmegaConf.to_container(dcfg, resolve=True), run_dir=run_dir, device=device,
                precision=precision, compile=device.type == "cuda" if t.compile is None else t.compile,

@@ -23,7 +23,9 @@ def kjv_dir():
 def run_train(run_dir, *overrides, check=True, experiment="smoke"):
     """Run `python train.py experiment=<experiment> ...` in a subprocess as a user would; return the process."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "train.py", f"experiment={experiment}", f"hydra.run.dir={run_dir}", *overrides],
+    # W&B is on by default (conf/logger/wandb.yaml); tests that check it turn it back on with wandb.enabled=true
+    proc = subprocess.run([sys.executable, "train.py", f"experiment={experiment}", f"hydra.run.dir={run_dir}",
+                           "logger=none", *overrides],
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=600, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
