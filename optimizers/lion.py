@@ -9,10 +9,12 @@ Program 1 and lucidrains/lion-pytorch, whose order this follows):
     m <- b2 m + (1 - b2) g                  one state buffer, updated after its use
 
 Being a sign method its update has RMS ~1 per coordinate, larger than Adam's, so the paper advises an lr
-3-10x smaller and a weight decay 3-10x larger than AdamW's: the defaults here are AdamW's (3e-3, 0.1) / 10
-and x 10. Like AdamW it runs on all four groups, decaying those in `decay_groups` and never gains/biases.
+3-10x smaller and a weight decay 3-10x larger than AdamW's. The defaults take the 3x end, AdamW's (3e-3, 0.1)
+/ 3 and x 3 (lr x wd unchanged): on bench_tiny (400 steps, seed 0) the final val loss was 4.42 with
+(1e-3, 0.3) against 4.69 with the 10x end (3e-4, 1.0). Like AdamW it runs on all four groups, decaying
+those in `decay_groups` and never gains/biases.
 
-    python train.py experiment=bench_tiny optimizer=lion optimizer.lr=1e-4
+    python train.py experiment=bench_tiny optimizer=lion optimizer.lr=3e-4 optimizer.weight_decay=1.0
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Lion(torch.optim.Optimizer):
     """Lion over any param groups (tensors of any shape); state: one "exp_avg" per parameter. p.grad is never
     modified."""
 
-    def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
         check_hparams("", lr=lr, betas=betas, weight_decay=weight_decay)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
 
@@ -72,9 +74,9 @@ class Lion(torch.optim.Optimizer):
 
 @dataclass
 class LionSpec:
-    lr: float = 3e-4  # peak lr; AdamW's 3e-3 / 10 (paper: 3-10x smaller than AdamW's)
+    lr: float = 1e-3  # peak lr; AdamW's 3e-3 / 3 (paper: 3-10x smaller than AdamW's; see the docstring)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # paper's defaults
-    weight_decay: float = 1.0  # decoupled, W <- W (1 - lr wd); AdamW's 0.1 x 10 (paper: 3-10x larger)
+    weight_decay: float = 0.3  # decoupled, W <- W (1 - lr wd); AdamW's 0.1 x 3 (paper: 3-10x larger)
     decay_groups: list[str] = field(default_factory=lambda: ["hidden", "embedding", "head"])
 
     def validate(self, key: str = "optimizer") -> None:

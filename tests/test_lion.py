@@ -52,15 +52,15 @@ def test_groups_and_decay_rules():
     _, opt, _ = tiny_problem(LionSpec())
     assert isinstance(opt, Lion)
     decay = {g["group"]: g["weight_decay"] for g in opt.param_groups}
-    assert decay == {"hidden": 1.0, "embedding": 1.0, "gain_bias": 0.0}  # GPT-2 ties its head to the embedding
-    assert all(g["lr"] == 3e-4 and g["betas"] == (0.9, 0.99) for g in opt.param_groups)
+    assert decay == {"hidden": 0.3, "embedding": 0.3, "gain_bias": 0.0}  # GPT-2 ties its head to the embedding
+    assert all(g["lr"] == 1e-3 and g["betas"] == (0.9, 0.99) for g in opt.param_groups)
 
 
 def test_lowers_the_loss():
     model, opt, batch = tiny_problem(LionSpec())
     losses = train(model, opt, batch, 15)
-    # memorizing one batch: ln(4096) = 8.32 at start; measured 6.23 after 15 steps at lr 3e-4
-    assert losses[0] == pytest.approx(8.34, abs=0.05) and losses[-1] < 6.6
+    # memorizing one batch: ln(4096) = 8.32 at start; measured 5.24 after 15 steps (6.23 at lr 3e-4)
+    assert losses[0] == pytest.approx(8.34, abs=0.05) and losses[-1] < 5.8
     assert all(b < a for a, b in itertools.pairwise(losses))
 
 
