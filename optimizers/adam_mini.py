@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from optimizers.adamw import check_adam_hparams
 from optimizers.groups import GROUPS, ParamSplit
 
 # A partition of one tensor: segments (n_blocks, rows_per_block) over the rows of the tensor viewed as
@@ -112,14 +113,7 @@ def adam_mini_update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: to
 
 def check_hparams(prefix: str, *, lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
     """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by AdamMiniSpec and AdamMini)."""
-    if not lr > 0:
-        raise ValueError(f"{prefix}lr: must be > 0 (got {lr})")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{prefix}betas: need two values in [0, 1) (got {list(betas)})")
-    if not eps > 0:
-        raise ValueError(f"{prefix}eps: must be > 0 (got {eps})")
-    if weight_decay < 0:
-        raise ValueError(f"{prefix}weight_decay: must be >= 0 (got {weight_decay})")
+    check_adam_hparams(prefix, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 class AdamMini(torch.optim.Optimizer):

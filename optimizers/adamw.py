@@ -15,6 +15,19 @@ import torch
 from optimizers.groups import GROUPS, ParamSplit
 
 
+def check_adam_hparams(prefix: str, *, lr: float, betas, weight_decay: float, eps: float | None = None) -> None:
+    """Raise ValueError("<prefix><field>: ...") for an impossible lr, betas, eps or weight decay: the checks
+    every Adam-style method shares (AdamW, Adam-mini, SOAP, Lion; Lion has no eps)."""
+    if not lr > 0:
+        raise ValueError(f"{prefix}lr: must be > 0 (got {lr})")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{prefix}betas: need two values in [0, 1) (got {list(betas)})")
+    if eps is not None and not eps > 0:
+        raise ValueError(f"{prefix}eps: must be > 0 (got {eps})")
+    if weight_decay < 0:
+        raise ValueError(f"{prefix}weight_decay: must be >= 0 (got {weight_decay})")
+
+
 @dataclass
 class AdamWSpec:
     lr: float = 3e-3  # peak lr; the schedule multiplies it
@@ -27,14 +40,7 @@ class AdamWSpec:
 
     def validate(self, key: str = "optimizer") -> None:
         """Raise ValueError("<key>.<field>: ...") for impossible values (key = where this spec sits)."""
-        if not self.lr > 0:
-            raise ValueError(f"{key}.lr: must be > 0 (got {self.lr})")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"{key}.betas: need two values in [0, 1) (got {list(self.betas)})")
-        if not self.eps > 0:
-            raise ValueError(f"{key}.eps: must be > 0 (got {self.eps})")
-        if self.weight_decay < 0:
-            raise ValueError(f"{key}.weight_decay: must be >= 0 (got {self.weight_decay})")
+        check_adam_hparams(f"{key}.", lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
         unknown = set(self.decay_groups) - set(GROUPS)
         if unknown:
             raise ValueError(f"{key}.decay_groups: unknown groups {sorted(unknown)} (known: {GROUPS})")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from optimizers.adamw import check_adam_hparams
 from optimizers.groups import GROUPS, ParamSplit
 
 
@@ -37,12 +38,7 @@ def lion_update(grad: torch.Tensor, exp_avg: torch.Tensor, *, betas: tuple[float
 
 def check_hparams(prefix: str, *, lr: float, betas, weight_decay: float) -> None:
     """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by LionSpec and Lion)."""
-    if not lr > 0:
-        raise ValueError(f"{prefix}lr: must be > 0 (got {lr})")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{prefix}betas: need two values in [0, 1) (got {list(betas)})")
-    if weight_decay < 0:
-        raise ValueError(f"{prefix}weight_decay: must be >= 0 (got {weight_decay})")
+    check_adam_hparams(prefix, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 class Lion(torch.optim.Optimizer):

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from optimizers.adamw import AdamWSpec
+from optimizers.adamw import AdamWSpec, check_adam_hparams
 from optimizers.groups import ParamSplit, require_matrices
 from optimizers.hybrid import Hybrid, with_aux_adamw
 
@@ -129,14 +129,7 @@ def refresh_bases(L: torch.Tensor | None, R: torch.Tensor | None, QL: torch.Tens
 def check_hparams(prefix: str, *, lr: float, betas, eps: float, weight_decay: float, precondition_frequency: int,
                   max_precond_dim: int) -> None:
     """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by SOAPSpec and SOAP)."""
-    if not lr > 0:
-        raise ValueError(f"{prefix}lr: must be > 0 (got {lr})")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{prefix}betas: need two values in [0, 1) (got {list(betas)})")
-    if not eps > 0:
-        raise ValueError(f"{prefix}eps: must be > 0 (got {eps})")
-    if weight_decay < 0:
-        raise ValueError(f"{prefix}weight_decay: must be >= 0 (got {weight_decay})")
+    check_adam_hparams(prefix, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if precondition_frequency < 1:
         raise ValueError(f"{prefix}precondition_frequency: must be >= 1 (got {precondition_frequency})")
     if max_precond_dim < 1:
