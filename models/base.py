@@ -28,7 +28,8 @@ def declare(module: nn.Module, role: str) -> nn.Module:
     return module
 
 
-def linear(cfg: ModelConfig, d_in: int, d_out: int, role: str, bias: bool = True, blocks: int = 1) -> nn.Linear:
+def linear(cfg: ModelConfig, d_in: int, d_out: int, role: str, bias: bool = True,
+           blocks: int = 1) -> nn.Linear:
     """A declared (d_in -> d_out) linear layer: a PCLinear when the config preconditions `role`, with
     `blocks` row blocks preconditioned separately (GPT-2's fused QKV: 3), else a plain nn.Linear."""
     if pc_applies(cfg, role):

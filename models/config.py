@@ -79,6 +79,6 @@ class ModelConfig:
             if not getattr(self, key) > 0:
                 raise ValueError(f"model.{key}: must be > 0 (got {getattr(self, key)})")
         if self.pc_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"model.pc_level: must be 0 (off) or a polynomial degree 1-4 (got {self.pc_level})")
+            raise ValueError(f"model.pc_level: must be 0 (off) or a degree 1-4 (got {self.pc_level})")
         if self.pc_power_iters <= 0:
             raise ValueError(f"model.pc_power_iters: must be > 0 (got {self.pc_power_iters})")

@@ -75,8 +75,11 @@ class PCLinear(nn.Linear):
             raise ValueError(f"out_features={out_features} is not divisible into {blocks} blocks")
         self.level, self.power_iters, self.blocks = level, power_iters, blocks
         self.gamma = nn.Parameter(torch.ones(blocks))  # γ, one per wrapped matrix (learnable_gamma, init 1)
-        self.register_buffer("u", torch.zeros(blocks, out_features // blocks))
-        self.register_buffer("v", torch.zeros(blocks, in_features))
+        # Uniform unit vectors and one refresh make s valid (> 0) at once without drawing from the RNG (a
+        # model's W initialisation stays that of the plain model); init_weights then calls reset_estimate.
+        self.register_buffer("u", F.normalize(torch.ones(blocks, out_features // blocks), dim=-1))
+        self.register_buffer("v", F.normalize(torch.ones(blocks, in_features), dim=-1))
+        self.refresh()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pc_level={self.level}, blocks={self.blocks}"

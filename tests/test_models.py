@@ -99,7 +99,7 @@ def load_preset(path: Path) -> ModelConfig:
 
 def test_presets_build_and_match_their_stated_counts():
     names = [p.stem for p in PRESETS]
-    assert names == ["gpt2_124m", "gpt2_350m", "gpt2_tiny", "llama_150m", "llama_1b", "llama_tiny"]
+    assert names == ["gpt2_124m", "gpt2_350m", "gpt2_micro", "gpt2_tiny", "llama_150m", "llama_1b", "llama_tiny"]
     for path in PRESETS:
         cfg = load_preset(path)
         assert set(OmegaConf.load(path)) == set(ModelConfig.__dataclass_fields__)
