@@ -47,6 +47,21 @@ def tokenizer_file(run_dir: Path) -> Path | None:
     return path / "tokenizer.json" if (path / "tokenizer.json").is_file() else None
 
 
+class CheckpointError(ValueError):
+    """A RUN_DIR without a readable model_final.pt of this code; the message names the file."""
+
+
+def load_run_model(run_dir: Path) -> torch.nn.Module:
+    """RUN_DIR/model_final.pt's model (shared with scripts/merge_pc.py); CheckpointError if missing or unreadable."""
+    ckpt = run_dir / "model_final.pt"
+    if not ckpt.is_file():
+        raise CheckpointError(f"{ckpt} not found (train.py writes it at the end of a run with train.save_final=true)")
+    try:
+        return load_model(ckpt)
+    except LOAD_ERRORS as e:
+        raise CheckpointError(f"{ckpt}: not a model_final.pt of this code ({type(e).__name__}: {e})") from None
+
+
 def load_model(ckpt: Path) -> torch.nn.Module:
     """The model saved in a model_final.pt, on the CPU; raises one of LOAD_ERRORS if it is not one."""
     payload = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -62,13 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
 
-    ckpt = args.run_dir / "model_final.pt"
-    if not ckpt.is_file():
-        return fail(f"{ckpt} not found (train.py writes it at the end of a run with train.save_final=true)")
     try:
-        model = load_model(ckpt)
-    except LOAD_ERRORS as e:
-        return fail(f"{ckpt}: not a model_final.pt of this code ({type(e).__name__}: {e})")
+        model = load_run_model(args.run_dir)
+    except CheckpointError as e:
+        return fail(str(e))
 
     if model.cfg.pc_level:
         print(f"merging the PC layers (model.pc_level={model.cfg.pc_level}) into plain weights")

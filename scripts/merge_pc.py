@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts/ is not a package; the repository root holds models/
 
 import torch
-from export_hf import LOAD_ERRORS, load_model  # sibling script: scripts/ is sys.path[0] when run
+from export_hf import CheckpointError, load_run_model  # sibling script: scripts/ is sys.path[0] when run
 from omegaconf import OmegaConf
 
 from models.pc import merge_pc
@@ -38,13 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
 
-    ckpt = args.run_dir / "model_final.pt"
-    if not ckpt.is_file():
-        return fail(f"{ckpt} not found (train.py writes it at the end of a run with train.save_final=true)")
     try:
-        model = load_model(ckpt)
-    except LOAD_ERRORS as e:
-        return fail(f"{ckpt}: not a model_final.pt of this code ({type(e).__name__}: {e})")
+        model = load_run_model(args.run_dir)
+    except CheckpointError as e:
+        return fail(str(e))
 
     level = model.cfg.pc_level
     plain = merge_pc(model) if level else model
