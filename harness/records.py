@@ -69,8 +69,9 @@ def code_version() -> dict[str, Any]:
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None, "diff_sha256": None}
-    status = _git("status", "--porcelain") or ""
-    diff = (_git("diff", "HEAD") or "") + (_git("ls-files", "--others", "--exclude-standard") or "")
+    code = ("--", ".", ":(exclude)results")  # run outputs and committed reports are not code changes
+    status = _git("status", "--porcelain", *code) or ""
+    diff = (_git("diff", "HEAD", *code) or "") + (_git("ls-files", "--others", "--exclude-standard", *code) or "")
     return {"commit": commit.strip(), "dirty": bool(status.strip()),
             "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if status.strip() else None}
 

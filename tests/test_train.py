@@ -220,3 +220,21 @@ def test_newton_muon_input_hooks_under_torch_compile(kjv_dir, tmp_path):
     assert len(a) == len(b) == 12
     assert b == pytest.approx(a, rel=1e-4)
     assert json.loads((tmp_path / "compiled/env.json").read_text())["compile"] is True
+
+
+def test_benchmark_outputs_do_not_make_the_code_dirty():
+    """bench.json and reports under results/ are committed outputs, not code: a new one leaves the code
+    version (dirty flag, diff hash) of the records unchanged."""
+    from harness.records import code_version
+
+    before = code_version()
+    out = REPO / "results" / "bench_zz_dirty_probe"
+    out.mkdir(parents=True)
+    try:
+        (out / "bench.json").write_text("{}")
+        (out / "report.md").write_text("# probe\n")
+        assert code_version() == before
+    finally:
+        for f in out.iterdir():
+            f.unlink()
+        out.rmdir()
