@@ -167,11 +167,14 @@ def run_dir(out: Path, run: dict[str, Any]) -> Path:
 
 
 def is_complete(out: Path, run: dict[str, Any]) -> bool:
-    d = run_dir(out, run)
+    """A parseable summary.json with a workload hash: what train.py writes last. Only the summary is read
+    (the progress bar polls this every 2 s; metrics.jsonl can be long); an unreadable one counts as missing,
+    and train.py moves such a run aside and reruns it."""
     try:
-        return load_run(d, []) is not None
+        summary = json.loads((run_dir(out, run) / "summary.json").read_text())
     except (OSError, ValueError):
-        return False  # unreadable records: train.py moves them aside and reruns
+        return False
+    return isinstance(summary, dict) and bool(summary.get("workload_hash"))
 
 
 def hydra_command(b: BenchConfig, out: Path, names: list[str]) -> list[str]:
