@@ -11,9 +11,11 @@ harness/run.py; records and their atomic writes in harness/records.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import netrc
 import os
+import signal
 import sys
 import time
 import traceback
@@ -27,13 +29,26 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from data.shards import DataError
+from harness import checkpoint
+from harness.checkpoint import CheckpointError
 from harness.config import ConfigError, register_configs
 from harness.device import autocast, matmul_rates, synchronize
-from harness.records import MetricsLog, atomic_write_json, atomic_write_text, environment, summarize
-from harness.run import Run, SetupError, banner, optimizer_name, setup
+from harness.preflight import preflight
+from harness.records import (
+    MetricsLog,
+    atomic_write_json,
+    atomic_write_text,
+    code_version,
+    environment,
+    summarize,
+)
+from harness.run import Run, SetupError, banner, divergence, optimizer_name, setup
 from harness.schedule import lr_factor
 
 register_configs()
+STARTED = time.time()
+# Fault injection for the resume tests (tests/test_resume.py): SIGKILL this process right after this step.
+KILL_AT_STEP = int(os.environ.get("OPTBENCH_KILL_AT_STEP", "0"))
 
 
 @torch.no_grad()
@@ -51,9 +66,10 @@ def evaluate(run: Run, model: torch.nn.Module) -> float:
     return total / count
 
 
-def init_wandb(run: Run):
+def init_wandb(run: Run, run_id: str | None = None):
     """W&B is optional: any failure (no network, bad key, not installed) leaves the local records intact.
-    Runs are named so that W&B's UI groups them by benchmark (group), arm (job_type) and setting (name)."""
+    Runs are named so that W&B's UI groups them by benchmark (group), arm (job_type) and setting (name).
+    A resumed run continues its W&B run (run_id from the checkpoint)."""
     if not run.cfg.wandb.enabled:
         return None
     try:
@@ -68,11 +84,19 @@ def init_wandb(run: Run):
         tags = [*w.tags, *(t for t in (b.phase, optimizer) if t)]
         return wandb.init(project=w.project, entity=w.entity, mode=mode, group=w.group or b.name or run.cfg.experiment,
                           job_type=w.job_type or b.arm or optimizer, tags=tags, name=name, dir=str(run.run_dir),
-                          config=run.resolved)
+                          config=run.resolved, id=run_id, resume="allow" if run_id else None,
+                          settings=wandb.Settings(init_timeout=w.init_timeout))
     except Exception as e:  # noqa: BLE001 - a logging backend must never stop a run
-        print(f"warning: W&B disabled for this run ({e.__class__.__name__}: {e}); local records only",
-              file=sys.stderr)
+        print(f"warning: W&B disabled for this run ({e.__class__.__name__}: {' '.join(str(e).split())[:300]}); "
+              "local records only", file=sys.stderr)
         return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _netrc_has_wandb() -> bool:
@@ -94,31 +118,66 @@ def train(run: Run) -> dict:
     model = torch.compile(raw_model) if run.compile else raw_model
     # Measured dense-matmul rates of this device: the yardstick for model FLOPs utilisation (MFU) below.
     rates = matmul_rates(str(device), 512 if device.type == "cpu" else 4096)
+    env_extra = {"world_size": run.world_size, "precision": run.precision, "compile": run.compile,
+                 "matmul_gflops": rates, "workload_hash": run.workload_hash,
+                 "overrides": list(HydraConfig.get().overrides.task)}
+    resumes = []
+    if run.resume is not None:  # continue from the checkpoint; env.json keeps the first launch's facts
+        ckpt_path, state = run.resume
+        resumes = [*state.get("resumes", []), checkpoint.resume_note(ckpt_path, state, code_version())]
+        env_extra = {**_read_json(run.run_dir / "env.json"), "resumes": resumes}
+        if resumes[-1]["code"] != resumes[-1]["checkpoint_code"]:
+            print(f"warning: {ckpt_path} was written by code {resumes[-1]['checkpoint_code']}, resuming with "
+                  f"{resumes[-1]['code']}: bit-exact continuation holds only for the same code", file=sys.stderr)
     atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.resolved))
-    atomic_write_json(run.run_dir / "env.json", environment(device, {
-        "world_size": run.world_size, "precision": run.precision, "compile": run.compile,
-        "matmul_gflops": rates, "workload_hash": run.workload_hash,
-        "overrides": list(HydraConfig.get().overrides.task)}))
+    atomic_write_json(run.run_dir / "env.json", env_extra if run.resume else environment(device, env_extra))
     print(banner(run), flush=True)
-    wb = init_wandb(run)
+    wb = init_wandb(run, run.resume[1].get("wandb_id") if run.resume else None)
     log = MetricsLog(run.run_dir / "metrics.jsonl")
 
     def record(entry: dict) -> None:
+        nonlocal wb
         log.log(entry)
         if wb is not None:
-            wb.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+            try:
+                wb.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+            except Exception as e:  # noqa: BLE001 - a logging backend must never stop a run
+                print(f"warning: W&B logging failed ({e.__class__.__name__}: {' '.join(str(e).split())[:300]}); "
+                      f"local records only from step {entry['step']}", file=sys.stderr)
+                wb = None
 
-    evals, train_time, opt_time, diverged, val = set(run.eval_steps), 0.0, 0.0, None, math.nan
-    opt_flops = 0  # matmul FLOPs of one optimizer.step(), counted at step 1 (decompositions are not counted)
-    blowup = math.inf  # a training loss above this counts as diverged (diverge_factor x the step-0 val loss)
-    if 0 in evals:
+    evals, diverged, val = set(run.eval_steps), None, math.nan
+    # The loop's own state, all of it in the checkpoint: training / optimizer clocks, the optimizer's matmul
+    # FLOPs (counted at step 1; decompositions are not counted), the divergence watch (a training loss above
+    # `blowup` = diverge_factor x the initial loss for diverge_patience consecutive steps ends the run).
+    loop = {"train_time": 0.0, "opt_time": 0.0, "opt_flops": 0, "blowup": math.inf, "over": 0}
+    start = 1
+    if run.resume is not None:
+        ckpt_path, state = run.resume
+        start = state["step"] + 1
+        loop.update(state["loop"])
+        checkpoint.set_rng_state(state["rng"])
+        for line in state["metrics"]:  # metrics.jsonl back to the checkpoint's prefix: no step twice
+            log.log(json.loads(line))
+        log.flush()
+        print(f"resumed from {ckpt_path} at step {state['step']} ({len(resumes)} resume(s) so far)", flush=True)
+    elif 0 in evals:
         val = evaluate(run, model)
         record({"step": 0, "val_loss": val, "tokens": 0, "train_time_s": 0.0})
-        blowup = t.diverge_factor * val
-    bar = tqdm(total=t.max_steps, disable=not t.progress, mininterval=1.0, dynamic_ncols=True)
-    step = 0
+        loop["blowup"] = t.diverge_factor * val
+
+    def save_checkpoint(step: int) -> None:
+        log.flush()
+        checkpoint.save(run.run_dir, step, {
+            "workload_hash": run.workload_hash, "config": run.resolved, "code": code_version(),
+            "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "rng": checkpoint.rng_state(),
+            "loop": dict(loop), "metrics": list(log.lines), "resumes": resumes,
+            "wandb_id": getattr(wb, "id", None)}, keep=t.ckpt_keep)
+
+    bar = tqdm(total=t.max_steps, initial=start - 1, disable=not t.progress, mininterval=1.0, dynamic_ncols=True)
+    step = start - 1
     try:
-        for step in range(1, t.max_steps + 1):
+        for step in range(start, t.max_steps + 1):
             t0 = time.perf_counter()
             lr_mult = lr_factor(step - 1, t.max_steps, cfg.schedule)  # step is the number of updates after this one
             for group in opt.param_groups:
@@ -142,32 +201,36 @@ def train(run: Run) -> dict:
             if step == 1:
                 with FlopCounterMode(display=False) as counter:
                     opt.step()
-                opt_flops = counter.get_total_flops()
+                loop["opt_flops"] = counter.get_total_flops()
             else:
                 opt.step()
             synchronize(device)
-            opt_time += time.perf_counter() - t_opt
+            loop["opt_time"] += time.perf_counter() - t_opt
             raw_model.after_optimizer_step()  # e.g. PC layers' power iteration on the updated weights
             opt.zero_grad(set_to_none=True)
             train_loss = (loss_sum / run.grad_accum).item()
             synchronize(device)
-            train_time += time.perf_counter() - t0
+            loop["train_time"] += time.perf_counter() - t0
 
             tokens = step * run.tokens_per_step
-            if step % t.log_every == 0 or step == t.max_steps or not math.isfinite(train_loss):
+            reason = divergence(loop, train_loss, t.diverge_factor, t.diverge_patience)
+            if step % t.log_every == 0 or step == t.max_steps or not math.isfinite(train_loss) or loop["over"]:
                 record({"step": step, "train_loss": train_loss, "lr": lr_mult * opt.param_groups[0]["peak_lr"],
                         "lr_factor": lr_mult, "grad_norm": grad_norm.item(), "tokens": tokens,
-                        "train_time_s": train_time})
-            if not math.isfinite(train_loss) or train_loss > blowup:
-                reason = (f"non-finite training loss ({train_loss})" if not math.isfinite(train_loss) else
-                          f"training loss {train_loss:.3f} above {t.diverge_factor} x the initial val loss")
+                        "train_time_s": loop["train_time"]})
+            if reason:
                 diverged = {"step": step, "reason": reason}
                 break
             if step in evals:
                 val = evaluate(run, model)
-                record({"step": step, "val_loss": val, "tokens": tokens, "train_time_s": train_time})
+                record({"step": step, "val_loss": val, "tokens": tokens, "train_time_s": loop["train_time"]})
                 log.flush()
-            bar.set_postfix_str(f"loss {train_loss:.3f} val {val:.3f} {tokens / train_time:,.0f} tok/s", refresh=False)
+            if t.ckpt_every and step % t.ckpt_every == 0 and step < t.max_steps:
+                save_checkpoint(step)  # outside the training clock, like evaluation (protocol.md)
+            if step == KILL_AT_STEP:
+                os.kill(os.getpid(), signal.SIGKILL)
+            bar.set_postfix_str(f"loss {train_loss:.3f} val {val:.3f} {tokens / loop['train_time']:,.0f} tok/s",
+                                refresh=False)
             bar.update(1)
     except Exception as e:
         # In a benchmark (train.skip_complete) a run that crashes (e.g. a failed decomposition) is recorded
@@ -178,6 +241,7 @@ def train(run: Run) -> dict:
         diverged = {"step": step, "reason": f"error: {e.__class__.__name__}: {str(e)[:200]}"}
     bar.close()
     log.flush()
+    train_time, opt_time, opt_flops = loop["train_time"], loop["opt_time"], loop["opt_flops"]
 
     fpt = raw_model.flops_per_token(t.seq_len)
     # Per step: the model's training FLOPs (6N + attention per token; PC layers' weight polynomials per
@@ -203,12 +267,15 @@ def train(run: Run) -> dict:
         "optimizer": HydraConfig.get().runtime.choices.get("optimizer"), "optimizer_class": optimizer_name(opt),
         "optimizer_target": run.resolved["optimizer"]["_target_"],
         "seed": cfg.seed, "data_seed": cfg.data.seed, "experiment": cfg.experiment,
+        "resumes": resumes, "resumed_from_steps": [r["from_step"] for r in resumes],
     })
     if t.save_final:
         tmp = run.run_dir / ".model_final.pt.tmp"
         torch.save({"model_config": dataclasses.asdict(cfg.model), "state_dict": raw_model.state_dict()}, tmp)
         tmp.replace(run.run_dir / "model_final.pt")
     atomic_write_json(run.run_dir / "summary.json", summary)
+    if not t.ckpt_keep_final:
+        checkpoint.remove_all(run.run_dir)  # the records are complete: model_final.pt is the run's weights
     if wb is not None:
         wb.summary.update({k: v for k, v in summary.items() if v is not None})
         wb.finish()
@@ -224,10 +291,10 @@ def main(dcfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run = setup(dcfg, run_dir)
-    except (ConfigError, DataError, SetupError) as e:
+    except (ConfigError, DataError, SetupError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # Hydra made it for this run; leave no empty directory behind
+        if run_dir.is_dir() and not any(run_dir.iterdir()) and run_dir.stat().st_mtime >= STARTED - 1:
+            run_dir.rmdir()  # Hydra made it for this run (a user's own empty directory is older): leave none
         sys.exit(2)
     if isinstance(run, dict):  # train.skip_complete and the record is already there
         print(f"skip: {run_dir} holds a complete run (final val loss {run.get('final_val_loss')})", flush=True)
@@ -236,4 +303,8 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    problem = preflight(Path(__file__).parent / "conf", sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

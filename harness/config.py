@@ -64,6 +64,15 @@ class TrainConfig:
     # A training loss above diverge_factor x the step-0 validation loss (or a non-finite one) ends the run as
     # diverged (protocol.md: blown-up runs count as diverged, steps to target infinite).
     diverge_factor: float = 1.5
+    # ... for this many consecutive steps (a non-finite loss ends the run at once)
+    diverge_patience: int = 5
+    # Checkpoints (harness/checkpoint.py): every ckpt_every steps (0 = none) into RUN_DIR/checkpoints/, the newest
+    # ckpt_keep kept; deleted once the run's records are complete unless ckpt_keep_final. With resume, launching
+    # on a run directory that holds checkpoints but no summary.json continues from the newest, bit-exactly.
+    ckpt_every: int = 100
+    ckpt_keep: int = 2
+    ckpt_keep_final: bool = False
+    resume: bool = True
 
 
 @dataclass
@@ -77,6 +86,7 @@ class WandbConfig:
     group: str | None = None  # default: the benchmark name (bench.name), else the experiment
     job_type: str | None = None  # default: the benchmark arm (bench.arm), else the optimizer
     tags: list[str] = field(default_factory=list)
+    init_timeout: float = 30.0  # seconds W&B may take to start before the run goes on without it
 
 
 @dataclass
@@ -180,10 +190,15 @@ def validate(cfg: Config) -> Any:
         raise ConfigError(f"schedule.min_lr_frac: must be in [0, 1] (got {s.min_lr_frac})")
     if not 0.0 < s.decay_frac <= 1.0:
         raise ConfigError(f"schedule.decay_frac: must be in (0, 1] (got {s.decay_frac})")
+    _positive("wandb.init_timeout", cfg.wandb.init_timeout)
     if cfg.wandb.mode not in ("auto", "online", "offline"):
         raise ConfigError(f"wandb.mode: {cfg.wandb.mode!r} is not auto, online or offline")
     if t.threads < 0:
         raise ConfigError(f"train.threads: must be >= 0 (got {t.threads})")
+    if t.diverge_patience < 1:
+        raise ConfigError(f"train.diverge_patience: must be >= 1 (got {t.diverge_patience})")
+    _positive("train.ckpt_every", t.ckpt_every, strict=False)
+    _positive("train.ckpt_keep", t.ckpt_keep)
     if not t.diverge_factor > 1.0:
         raise ConfigError(f"train.diverge_factor: must be > 1 (got {t.diverge_factor})")
     if cfg.bench.phase not in (None, "tune", "seed"):

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.loader import TokenData
-from data.shards import DataError
+from harness import checkpoint
+from harness.checkpoint import CheckpointError
 from harness.config import Config, ConfigError, validate, world_size
 from harness.device import resolve_device, resolve_precision
 from harness.hooks import InputHooks
@@ -54,6 +55,7 @@ class Run:
     eval_steps: list[int]
     workload: dict[str, Any]
     workload_hash: str
+    resume: tuple[Path, dict[str, Any]] | None = None  # (checkpoint file, its payload) when continuing a run
 
 
 def to_typed(dcfg: DictConfig) -> Config:
@@ -72,16 +74,24 @@ def complete_summary(run_dir: Path) -> dict | None:
     return summary if isinstance(summary, dict) and summary.get("workload_hash") else None
 
 
-def check_run_dir(run_dir: Path, skip_complete: bool = False) -> None:
-    """Refuse a directory that already holds a run's records: results are never overwritten. With
-    skip_complete (benchmarks), an incomplete record is moved aside to <dir>.broken-<time> (kept, never
-    deleted) so the run starts afresh; a complete one is handled by the caller (skipped)."""
+def move_aside(run_dir: Path, why: str) -> None:
+    """Keep a broken run's files (never deleted) under <dir>.broken-<time>, so the run starts afresh."""
+    aside = run_dir.with_name(f"{run_dir.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    print(f"{why}: moved to {aside}, rerunning", flush=True)
+
+
+def check_run_dir(run_dir: Path, skip_complete: bool = False, resuming: bool = False) -> None:
+    """Refuse a directory that already holds a run's records: results are never overwritten. A run being
+    resumed from its checkpoint owns its records. With skip_complete (benchmarks), an incomplete record
+    without a checkpoint is moved aside to <dir>.broken-<time> (kept, never deleted) so the run starts
+    afresh; a complete one is handled by the caller (skipped)."""
     taken = [f for f in RECORD_FILES if (run_dir / f).exists()]
-    if taken and skip_complete and complete_summary(run_dir) is None:
-        aside = run_dir.with_name(f"{run_dir.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        print(f"incomplete run in {run_dir} (has {', '.join(taken)}, no valid summary.json): moved to {aside}, "
-              "rerunning", flush=True)
+    if resuming:
+        pass
+    elif taken and skip_complete and complete_summary(run_dir) is None:
+        move_aside(run_dir, f"incomplete run in {run_dir} (has {', '.join(taken)}, no checkpoint, no valid "
+                            "summary.json)")
     elif taken:
         raise SetupError(f"run directory {run_dir} already holds {', '.join(taken)}; choose a new hydra.run.dir "
                          "(results are never overwritten)")
@@ -110,8 +120,18 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
     run_dir, that record's summary (nothing to do)."""
     cfg = to_typed(dcfg)
     spec = validate(cfg)
-    done = complete_summary(run_dir) if cfg.train.skip_complete else None
-    check_run_dir(run_dir, skip_complete=cfg.train.skip_complete and done is None)
+    t = cfg.train
+    done = complete_summary(run_dir) if t.skip_complete else None
+    resume = None
+    if done is None and t.resume and not (run_dir / "summary.json").exists():
+        try:
+            resume = checkpoint.load_latest(run_dir)
+        except CheckpointError as e:
+            if not t.skip_complete:
+                raise
+            move_aside(run_dir, f"{e}")  # a benchmark survives a damaged checkpoint: rerun that run afresh
+    if done is None:  # a complete run (skip_complete) is compared by workload below, never touched
+        check_run_dir(run_dir, skip_complete=t.skip_complete, resuming=resume is not None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
@@ -122,15 +142,17 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
     data_dir = Path(cfg.data.dir) if Path(cfg.data.dir).is_absolute() else REPO / cfg.data.dir
     # TokenData checks every shard header/size and meta.json (incl. the tokenizer's vocab) before any compute
     data = TokenData(str(data_dir), cfg.data, cfg.train.seq_len)
-    if data.max_token_id >= cfg.model.vocab_size:
-        raise DataError(f"{data_dir}: token id {data.max_token_id} is outside model.vocab_size="
-                        f"{cfg.model.vocab_size}")
+    data.check_vocab(cfg.model.vocab_size)
 
+    workload = workload_of(cfg, data)
     if done is not None:
-        if done["workload_hash"] != workload_hash(workload_of(cfg, data)):
+        if done["workload_hash"] != workload_hash(workload):
             raise SetupError(f"run directory {run_dir} holds a complete run of another workload "
                              f"({done['workload_hash'][:12]}); results of different workloads are never mixed")
         return done
+    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    if resume is not None:
+        checkpoint.check_compatible(*resume, workload_hash(workload), resolved)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
@@ -139,17 +161,48 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
     for group in optimizer.param_groups:  # the schedule scales this peak value at every step
         group["peak_lr"] = group["lr"]
     input_hooks = InputHooks.attach(model, optimizer, split.params("hidden"))
+    if resume is not None:
+        load_state(resume[0], resume[1], model, optimizer)
 
-    t = cfg.train
     grad_accum = t.global_batch_size // (t.micro_batch_size * ws)
     tokens_per_step = t.global_batch_size * t.seq_len
-    workload = workload_of(cfg, data)
     precision = resolve_precision(t.precision, device)
-    return Run(cfg=cfg, resolved=OmegaConf.to_container(dcfg, resolve=True), run_dir=run_dir, device=device,
+    return Run(cfg=cfg, resolved=resolved, run_dir=run_dir, device=device,
                precision=precision, compile=device.type == "cuda" if t.compile is None else t.compile,
                data=data, model=model, split=split, optimizer=optimizer, input_hooks=input_hooks, world_size=ws, grad_accum=grad_accum,
                tokens_per_step=tokens_per_step, eval_steps=workload["eval_steps"], workload=workload,
-               workload_hash=workload_hash(workload))
+               workload_hash=workload_hash(workload), resume=resume)
+
+
+def load_state(path: Path, payload: dict[str, Any], model: torch.nn.Module, optimizer) -> None:
+    """Model and optimizer state from a checkpoint; a mismatch (renamed parameters, another optimizer
+    layout) is an incompatible code version, reported in one line."""
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        first = " ".join(str(e).split())[:240]
+        raise CheckpointError(f"{path}: the model's parameters differ from this code's (incompatible code "
+                              f"version): {first}") from None
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this code's optimizer (incompatible "
+                              f"code version): {e.__class__.__name__}: {str(e)[:200]}") from None
+
+
+def divergence(loop: dict[str, Any], train_loss: float, factor: float, patience: int) -> str | None:
+    """protocol.md rule 6, one step of the watch: why the run has diverged, or None. `loop["blowup"]` is
+    factor x the initial loss (the step-0 validation loss; without one, the first training loss),
+    `loop["over"]` the number of consecutive steps above it (updated here; both are checkpointed)."""
+    if not math.isfinite(train_loss):
+        return f"non-finite training loss ({train_loss})"
+    if not math.isfinite(loop["blowup"]):
+        loop["blowup"] = factor * train_loss
+    loop["over"] = loop["over"] + 1 if train_loss > loop["blowup"] else 0
+    if loop["over"] >= patience:
+        return (f"training loss above {factor} x the initial loss ({loop['blowup']:.3f}) for {loop['over']} "
+                f"consecutive steps (last {train_loss:.3f})")
+    return None
 
 
 def optimizer_name(optimizer) -> str:

@@ -1,0 +1,83 @@
+"""One-line errors for what Hydra itself would reject in several lines or with a traceback.
+
+`python train.py ...` composes its overrides here first (Hydra's compose API, the same config tree), so an
+unknown key, an unknown group option, a value of the wrong type or an unparsable override prints
+
+    error: train.max_stepz: Key 'max_stepz' not in 'TrainConfig' (a new key needs +train.max_stepz=3)
+    error: optimizer=adamz: no conf/optimizer/adamz.yaml (options: adam_mini, adamw, lion, ...)
+
+and exits 2 before Hydra creates any directory. A run directory that cannot be created (under a regular
+file, on a read-only mount) is reported the same way; Hydra would create it with a traceback. Hydra's own
+flags (-m, --cfg, --help, ...) skip this and keep Hydra's behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf.errors import OmegaConfBaseException
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), e.__class__.__name__)
+
+
+def composition_error(config_dir: Path, overrides: list[str]) -> tuple[str | None, str | None]:
+    """(error line, run directory) for these overrides; error None when they compose."""
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+            try:
+                run_dir = str(cfg.hydra.run.dir)
+            except OmegaConfBaseException:
+                run_dir = None
+    except MissingConfigException as e:
+        group, _, name = (e.missing_cfg_file or "").rpartition("/")
+        options = f" (options: {', '.join(e.options)})" if e.options else ""
+        where = f"{group}={name}: no conf/{group}/{name}.yaml" if group else _first_line(e)
+        return where + options, None
+    except OverrideParseException as e:
+        return f"cannot parse the override {getattr(e, 'override', None) or ''!r}: {_first_line(e)}", None
+    except (ConfigCompositionException, OmegaConfBaseException) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+        key = getattr(cause, "full_key", None)
+        text = _first_line(cause)
+        if key and "not in" in text:
+            given = next((o for o in overrides if o.split("=", 1)[0] == key), None)
+            hint = f" (a new key needs +{given})" if given else ""
+            return f"{key}: {text}{hint}", None
+        return (f"{key}: {text}" if key else f"{_first_line(e)}: {text}" if cause is not e else text), None
+    return None, run_dir
+
+
+def run_dir_error(run_dir: str) -> str | None:
+    """Why `run_dir` cannot be created (nothing is created or left behind by the check)."""
+    path = Path(run_dir).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if path.exists() and not path.is_dir():
+        return f"hydra.run.dir: {path} exists and is not a directory"
+    if not probe.is_dir():
+        return f"hydra.run.dir: cannot create {path}: {probe} is a file, not a directory"
+    if probe == path:
+        return None  # exists: its writability is checked with the run's other records (harness/run.py)
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".optbench-probe-"))
+    except OSError as e:
+        return f"hydra.run.dir: cannot create {path} under {probe} ({e.strerror})"
+    return None
+
+
+def preflight(config_dir: Path, argv: list[str]) -> str | None:
+    """The one-line error for `train.py argv`, or None to let Hydra run it."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    error, run_dir = composition_error(config_dir, argv)
+    if error is None and run_dir:
+        error = run_dir_error(run_dir)
+    return error
