@@ -403,3 +403,17 @@ def test_html_renders_in_headless_chromium(built, tmp_path):
     assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
     pixels = mpimg.imread(shot)[..., :3]
     assert pixels.shape[:2] == (2400, 1280) and float(np.var(pixels)) > 0.01
+
+
+def test_a_diverged_run_is_counted_never_averaged():
+    """protocol.md rule 6: a diverged seed run ranks last (its loss is +inf) and turns every mean-based figure
+    (bootstrap CI, Welch test, speedup ratio) into 'undefined' instead of averaging a blown-up number in."""
+    from scripts.bench_stats import bootstrap_ci, bootstrap_ratio, median, welch_less
+
+    finals = [4.0, math.inf, 4.2]  # seed 1 diverged
+    assert median(finals) == 4.2  # rank-based: the diverged run counts as the worst, not as a number
+    assert bootstrap_ci(finals) is None
+    assert welch_less(finals, [4.5, 4.6, 4.4]) is None and welch_less([4.5, 4.6, 4.4], finals) is None
+    assert bootstrap_ratio([100, 100], [50, math.inf]) is None
+    assert welch_less([4.0, 4.1, 4.2], [4.5, 4.6, 4.4]) < 0.01  # the same figures without the divergence
+    assert bootstrap_ratio([100, 100], [50, 50])["point"] == 2.0
