@@ -33,6 +33,7 @@ from harness import checkpoint
 from harness.checkpoint import CheckpointError
 from harness.config import ConfigError, register_configs
 from harness.device import autocast, matmul_rates, synchronize
+from harness.distributed import LaunchError
 from harness.preflight import preflight
 from harness.records import (
     MetricsLog,
@@ -53,16 +54,22 @@ KILL_AT_STEP = int(os.environ.get("OPTBENCH_KILL_AT_STEP", "0"))
 
 @torch.no_grad()
 def evaluate(run: Run, model: torch.nn.Module) -> float:
-    """Mean cross-entropy over the fixed validation tokens (same tokens, same order, every run)."""
+    """Mean cross-entropy over the fixed validation tokens (same tokens, same order, every run). With several
+    processes, rank r scores batches r, r + W, ... and the sums are all-reduced."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in run.data.val_batches(run.cfg.train.eval_batch_size):
+    for i, (x, y) in enumerate(run.data.val_batches(run.cfg.train.eval_batch_size)):
+        if i % run.dist.world != run.dist.rank:
+            continue
         x, y = x.to(run.device), y.to(run.device)
         with autocast(run.device, run.precision):
             _, loss = model(x, y)
         total += loss.item() * y.numel()
         count += y.numel()
     model.train()
+    if run.dist.world > 1:
+        sums = run.dist.sum(torch.tensor([total, count], dtype=torch.float64, device=run.device))
+        total, count = sums.tolist()
     return total / count
 
 
@@ -114,10 +121,11 @@ def state_bytes(opt) -> int:
 
 def train(run: Run) -> dict:
     cfg, t, device, opt = run.cfg, run.cfg.train, run.device, run.optimizer
-    raw_model = run.model
-    model = torch.compile(raw_model) if run.compile else raw_model
+    raw_model, main = run.model, run.dist.main  # main: rank 0, the only one that writes records and logs
+    model = run.dist.wrap(raw_model)  # DDP over the processes of a multi-process run
+    model = torch.compile(model) if run.compile else model
     # Measured dense-matmul rates of this device: the yardstick for model FLOPs utilisation (MFU) below.
-    rates = matmul_rates(str(device), 512 if device.type == "cpu" else 4096)
+    rates = matmul_rates(str(device), 512 if device.type == "cpu" else 4096) if main else {}
     env_extra = {"world_size": run.world_size, "precision": run.precision, "compile": run.compile,
                  "matmul_gflops": rates, "workload_hash": run.workload_hash,
                  "overrides": list(HydraConfig.get().overrides.task)}
@@ -129,11 +137,12 @@ def train(run: Run) -> dict:
         if resumes[-1]["code"] != resumes[-1]["checkpoint_code"]:
             print(f"warning: {ckpt_path} was written by code {resumes[-1]['checkpoint_code']}, resuming with "
                   f"{resumes[-1]['code']}: bit-exact continuation holds only for the same code", file=sys.stderr)
-    atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.resolved))
-    atomic_write_json(run.run_dir / "env.json", env_extra if run.resume else environment(device, env_extra))
-    print(banner(run), flush=True)
-    wb = init_wandb(run, run.resume[1].get("wandb_id") if run.resume else None)
-    log = MetricsLog(run.run_dir / "metrics.jsonl")
+    if main:
+        atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.resolved))
+        atomic_write_json(run.run_dir / "env.json", env_extra if run.resume else environment(device, env_extra))
+        print(banner(run), flush=True)
+    wb = init_wandb(run, run.resume[1].get("wandb_id") if run.resume else None) if main else None
+    log = MetricsLog(run.run_dir / "metrics.jsonl", write=main)
 
     def record(entry: dict) -> None:
         nonlocal wb
@@ -160,13 +169,16 @@ def train(run: Run) -> dict:
         for line in state["metrics"]:  # metrics.jsonl back to the checkpoint's prefix: no step twice
             log.log(json.loads(line))
         log.flush()
-        print(f"resumed from {ckpt_path} at step {state['step']} ({len(resumes)} resume(s) so far)", flush=True)
+        if main:
+            print(f"resumed from {ckpt_path} at step {state['step']} ({len(resumes)} resume(s) so far)", flush=True)
     elif 0 in evals:
         val = evaluate(run, model)
         record({"step": 0, "val_loss": val, "tokens": 0, "train_time_s": 0.0})
         loop["blowup"] = t.diverge_factor * val
 
     def save_checkpoint(step: int) -> None:
+        if not main:
+            return
         log.flush()
         checkpoint.save(run.run_dir, step, {
             "workload_hash": run.workload_hash, "config": run.resolved, "code": code_version(),
@@ -174,7 +186,7 @@ def train(run: Run) -> dict:
             "loop": dict(loop), "metrics": list(log.lines), "resumes": resumes,
             "wandb_id": getattr(wb, "id", None)}, keep=t.ckpt_keep)
 
-    bar = tqdm(total=t.max_steps, initial=start - 1, disable=not t.progress, mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(total=t.max_steps, initial=start - 1, disable=not (t.progress and main), mininterval=1.0, dynamic_ncols=True)
     step = start - 1
     try:
         for step in range(start, t.max_steps + 1):
@@ -186,11 +198,13 @@ def train(run: Run) -> dict:
                 run.input_hooks.begin_step(step - 1)
             loss_sum = torch.zeros((), device=device)
             for micro in range(run.grad_accum):
-                x, y = run.data.train_batch(step - 1, micro, t.micro_batch_size, run.grad_accum)
+                x, y = run.data.train_batch(step - 1, micro, t.micro_batch_size, run.grad_accum, run.dist.rank,
+                                            run.dist.world)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, run.precision):
-                    _, loss = model(x, y)
-                (loss / run.grad_accum).backward()
+                with run.dist.no_sync(model, sync=micro == run.grad_accum - 1):  # DDP: all-reduce on the last
+                    with autocast(device, run.precision):
+                        _, loss = model(x, y)
+                    (loss / run.grad_accum).backward()
                 loss_sum += loss.detach()
             if run.input_hooks:
                 run.input_hooks.end_step()
@@ -208,7 +222,7 @@ def train(run: Run) -> dict:
             loop["opt_time"] += time.perf_counter() - t_opt
             raw_model.after_optimizer_step()  # e.g. PC layers' power iteration on the updated weights
             opt.zero_grad(set_to_none=True)
-            train_loss = (loss_sum / run.grad_accum).item()
+            train_loss = run.dist.mean(loss_sum / run.grad_accum).item()  # the global batch's mean loss
             synchronize(device)
             loop["train_time"] += time.perf_counter() - t0
 
@@ -243,6 +257,8 @@ def train(run: Run) -> dict:
     log.flush()
     train_time, opt_time, opt_flops = loop["train_time"], loop["opt_time"], loop["opt_flops"]
 
+    if not main:
+        return {}  # rank 0 writes the records
     fpt = raw_model.flops_per_token(t.seq_len)
     # Per step: the model's training FLOPs (6N + attention per token; PC layers' weight polynomials per
     # forward, x3 for forward + backward, per micro-batch) plus the optimizer's own matmuls (protocol.md).
@@ -291,7 +307,7 @@ def main(dcfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run = setup(dcfg, run_dir)
-    except (ConfigError, DataError, SetupError, CheckpointError) as e:
+    except (ConfigError, DataError, SetupError, CheckpointError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         if run_dir.is_dir() and not any(run_dir.iterdir()) and run_dir.stat().st_mtime >= STARTED - 1:
             run_dir.rmdir()  # Hydra made it for this run (a user's own empty directory is older): leave none

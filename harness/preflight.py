@@ -75,6 +75,12 @@ def run_dir_error(run_dir: str) -> str | None:
 
 def preflight(config_dir: Path, argv: list[str]) -> str | None:
     """The one-line error for `train.py argv`, or None to let Hydra run it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        multirun = any(a in ("-m", "--multirun") for a in argv)
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        if not any(a.startswith(f"{key}=") for a in argv):
+            return (f"{key}: a multi-process run needs an explicit {key}=PATH (every rank must write to the same "
+                    "directory; the default has the launch time in its name)")
     if any(a.startswith("-") for a in argv):
         return None
     error, run_dir = composition_error(config_dir, argv)

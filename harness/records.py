@@ -126,15 +126,16 @@ class MetricsLog:
     """metrics.jsonl, kept in memory and rewritten atomically at each flush, so the file on disk is always
     a complete, parseable prefix of the run (no torn last line after a crash)."""
 
-    def __init__(self, path: Path):
-        self.path, self.records, self.lines = Path(path), [], []
+    def __init__(self, path: Path, write: bool = True):
+        self.path, self.records, self.lines, self.write = Path(path), [], [], write  # write: rank 0 only
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         self.lines.append(json.dumps(record, sort_keys=True, allow_nan=True))
 
     def flush(self) -> None:
-        atomic_write_text(self.path, "".join(line + "\n" for line in self.lines))
+        if self.write:
+            atomic_write_text(self.path, "".join(line + "\n" for line in self.lines))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

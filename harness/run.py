@@ -9,7 +9,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ from omegaconf.errors import OmegaConfBaseException
 from data.loader import TokenData
 from harness import checkpoint
 from harness.checkpoint import CheckpointError
-from harness.config import Config, ConfigError, validate, world_size
-from harness.device import resolve_device, resolve_precision
+from harness.config import Config, ConfigError, validate
+from harness.device import resolve_precision
+from harness.distributed import Dist, init
 from harness.hooks import InputHooks
 from harness.records import REPO, workload_hash
 from harness.schedule import eval_steps
@@ -56,6 +57,7 @@ class Run:
     workload: dict[str, Any]
     workload_hash: str
     resume: tuple[Path, dict[str, Any]] | None = None  # (checkpoint file, its payload) when continuing a run
+    dist: Dist = field(default_factory=Dist)  # rank, world size, collectives (harness/distributed.py)
 
 
 def to_typed(dcfg: DictConfig) -> Config:
@@ -81,20 +83,25 @@ def move_aside(run_dir: Path, why: str) -> None:
     print(f"{why}: moved to {aside}, rerunning", flush=True)
 
 
-def check_run_dir(run_dir: Path, skip_complete: bool = False, resuming: bool = False) -> None:
+def check_run_dir(run_dir: Path, skip_complete: bool = False, resuming: bool = False, writer: bool = True) -> None:
     """Refuse a directory that already holds a run's records: results are never overwritten. A run being
     resumed from its checkpoint owns its records. With skip_complete (benchmarks), an incomplete record
     without a checkpoint is moved aside to <dir>.broken-<time> (kept, never deleted) so the run starts
-    afresh; a complete one is handled by the caller (skipped)."""
+    afresh; a complete one is handled by the caller (skipped). Only the `writer` (rank 0) moves or creates
+    anything; every rank refuses the same way."""
     taken = [f for f in RECORD_FILES if (run_dir / f).exists()]
     if resuming:
         pass
     elif taken and skip_complete and complete_summary(run_dir) is None:
+        if not writer:
+            return
         move_aside(run_dir, f"incomplete run in {run_dir} (has {', '.join(taken)}, no checkpoint, no valid "
                             "summary.json)")
     elif taken:
         raise SetupError(f"run directory {run_dir} already holds {', '.join(taken)}; choose a new hydra.run.dir "
                          "(results are never overwritten)")
+    if not writer:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     probe = run_dir / ".write_probe"
     try:
@@ -121,6 +128,9 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
     cfg = to_typed(dcfg)
     spec = validate(cfg)
     t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device, dist = init(t.device)  # one process, or this rank of a torchrun / accelerate launch
     done = complete_summary(run_dir) if t.skip_complete else None
     resume = None
     if done is None and t.resume and not (run_dir / "summary.json").exists():
@@ -129,15 +139,11 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
         except CheckpointError as e:
             if not t.skip_complete:
                 raise
-            move_aside(run_dir, f"{e}")  # a benchmark survives a damaged checkpoint: rerun that run afresh
+            if dist.main:
+                move_aside(run_dir, f"{e}")  # a benchmark survives a damaged checkpoint: rerun that run afresh
     if done is None:  # a complete run (skip_complete) is compared by workload below, never touched
-        check_run_dir(run_dir, skip_complete=t.skip_complete, resuming=resume is not None)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    ws = world_size()
-    if ws != 1:
-        raise SetupError(f"WORLD_SIZE={ws}: multi-process training is not implemented yet; run one process")
+        check_run_dir(run_dir, skip_complete=t.skip_complete, resuming=resume is not None, writer=dist.main)
+    dist.barrier()  # the other ranks go on once rank 0 has set up (or moved aside) the run directory
 
     data_dir = Path(cfg.data.dir) if Path(cfg.data.dir).is_absolute() else REPO / cfg.data.dir
     # TokenData checks every shard header/size and meta.json (incl. the tokenizer's vocab) before any compute
@@ -164,14 +170,14 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
     if resume is not None:
         load_state(resume[0], resume[1], model, optimizer)
 
-    grad_accum = t.global_batch_size // (t.micro_batch_size * ws)
+    grad_accum = t.global_batch_size // (t.micro_batch_size * dist.world)
     tokens_per_step = t.global_batch_size * t.seq_len
     precision = resolve_precision(t.precision, device)
     return Run(cfg=cfg, resolved=resolved, run_dir=run_dir, device=device,
                precision=precision, compile=device.type == "cuda" if t.compile is None else t.compile,
-               data=data, model=model, split=split, optimizer=optimizer, input_hooks=input_hooks, world_size=ws, grad_accum=grad_accum,
+               data=data, model=model, split=split, optimizer=optimizer, input_hooks=input_hooks, world_size=dist.world, grad_accum=grad_accum,
                tokens_per_step=tokens_per_step, eval_steps=workload["eval_steps"], workload=workload,
-               workload_hash=workload_hash(workload), resume=resume)
+               workload_hash=workload_hash(workload), resume=resume, dist=dist)
 
 
 def load_state(path: Path, payload: dict[str, Any], model: torch.nn.Module, optimizer) -> None:

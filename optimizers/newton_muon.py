@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from optimizers.groups import ParamSplit
 from optimizers.hybrid import Hybrid, with_aux_adamw
@@ -150,11 +151,28 @@ class NewtonMuon(Muon):
         super().step()
         return loss
 
+    def _all_reduce_stats(self) -> None:
+        """In a multi-process run each rank has seen only its own micro-batches: sum the Gram sums and the
+        forward counts over ranks (one all_reduce each), so K is the single-process K on every rank."""
+        if not self._stats or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        keys = [id(p) for g in self.param_groups for p in g["params"] if id(p) in self._stats]
+        flat = torch.cat([self._stats[k][0].reshape(-1) for k in keys])
+        counts = torch.tensor([float(self._stats[k][1]) for k in keys], dtype=torch.float64, device=flat.device)
+        dist.all_reduce(flat)
+        dist.all_reduce(counts)
+        offset = 0
+        for k, n in zip(keys, counts.tolist()):
+            gram = self._stats[k][0]
+            self._stats[k] = [flat[offset:offset + gram.numel()].view_as(gram), int(n)]
+            offset += gram.numel()
+
     def _refresh(self) -> None:
         """Advance every matrix's counter; on a refresh step fold the observed statistics into K and
         recompute K^-1 (one batched Cholesky per block size and device)."""
         self._forward.clear()
         self._seen.clear()
+        self._all_reduce_stats()
         due: dict[tuple, list[dict]] = {}
         for group in self.param_groups:
             for p in group["params"]:

@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from harness.device import bf16_is_fast
 
@@ -186,18 +187,54 @@ def orthogonalize(G: torch.Tensor, method: str = "ns", steps: int | None = None,
     return out.to(G.dtype)
 
 
+# Matrices this process has orthogonalized (all methods): with the work shared across ranks, each rank's count
+# is its share. Read by tests and the perf tooling; reset freely.
+WORK = {"matrices": 0}
+# Share the orthogonalization across the ranks of the default process group (data-parallel runs, where every
+# rank holds the same directions after the gradient all-reduce). Off: every rank does all of it.
+SHARE_ACROSS_RANKS = True
+
+
+def _share() -> tuple[int, int] | None:
+    """(rank, world size) when the work is shared across processes, else None."""
+    if SHARE_ACROSS_RANKS and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _orthogonalize_stack(Gs: Sequence[torch.Tensor], method: str, steps: int | None,
+                         dtype: torch.dtype) -> list[torch.Tensor]:
+    """Same-shape matrices in one batched call (a single one alone, unstacked)."""
+    WORK["matrices"] += len(Gs)
+    if len(Gs) == 1:
+        return [orthogonalize(Gs[0], method, steps, dtype)]
+    return list(orthogonalize(torch.stack(list(Gs)), method, steps, dtype).unbind(0))
+
+
 def orthogonalize_many(Gs: Sequence[torch.Tensor], method: str = "ns", steps: int | None = None,
                        dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
     """orthogonalize() of each matrix, in order; matrices of one shape, dtype and device go in one batched
-    call (a single matrix goes alone, unstacked)."""
+    call. In a multi-process run (torch.distributed initialized, world size W > 1) each same-shape bucket is
+    cut into W contiguous shares: rank r orthogonalizes share r only, then one all_gather per bucket gives
+    every rank all the results (modded-nanogpt's distributed Muon, by shape instead of by parameter)."""
     buckets: dict[tuple, list[int]] = {}
     for i, G in enumerate(Gs):
         buckets.setdefault((tuple(G.shape), G.dtype, G.device), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(Gs)
+    shared = _share()
     for idx in buckets.values():
-        if len(idx) == 1:
-            out[idx[0]] = orthogonalize(Gs[idx[0]], method, steps, dtype)
+        if shared is None:
+            for i, O in zip(idx, _orthogonalize_stack([Gs[i] for i in idx], method, steps, dtype)):
+                out[i] = O
             continue
-        for i, O in zip(idx, orthogonalize(torch.stack([Gs[i] for i in idx]), method, steps, dtype).unbind(0)):
+        rank, world = shared
+        per = -(-len(idx) // world)  # ceil: every rank sends `per` matrices (zeros pad the last shares)
+        mine = idx[rank * per:(rank + 1) * per]
+        send = torch.zeros((per, *Gs[idx[0]].shape), dtype=Gs[idx[0]].dtype, device=Gs[idx[0]].device)
+        if mine:
+            send[:len(mine)] = torch.stack(_orthogonalize_stack([Gs[i] for i in mine], method, steps, dtype))
+        parts = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(parts, send)
+        for i, O in zip(idx, torch.cat(parts).unbind(0)):
             out[i] = O
     return out

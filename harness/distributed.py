@@ -1,0 +1,116 @@
+"""Multi-process data-parallel training: accelerate on top of torch.distributed (gloo on CPU, nccl on GPU).
+
+    torchrun --standalone --nproc_per_node 2 train.py hydra.run.dir=results/runs/ddp ...   # CPU or GPU
+    accelerate launch --multi_gpu --num_processes 2 train.py hydra.run.dir=results/runs/ddp ...
+    make ddp ARGS="experiment=bench_micro hydra.run.dir=results/runs/ddp"                    # 2 processes
+
+The launcher sets WORLD_SIZE / RANK / LOCAL_RANK; `init()` builds accelerate's Accelerator from them
+(`cpu=True` when there is no GPU or train.device=cpu, which makes accelerate use gloo), and the training
+loop sees a `Dist`: its rank, the world size, DDP wrapping of the model (accelerate's prepare_model), and
+the two collectives the loop needs (mean of the training loss, sum of the validation loss). Every rank reads
+its own share of each global batch (data/loader.py), so the global token order is the single-process one.
+
+`accelerate launch --cpu --num_processes N` starts ONE process (measured, accelerate 1.15): such a run is
+refused with the commands that do start N (see `requested_processes`), never recorded as distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from harness.config import world_size
+from harness.device import resolve_device
+
+
+class LaunchError(RuntimeError):
+    """A launch that does not give the processes it asked for."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    accelerator: Any = None  # accelerate.Accelerator when world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel through accelerate (gradients averaged over ranks), or the model itself."""
+        if self.world == 1:
+            return model
+        return self.accelerator.prepare_model(model, device_placement=False)
+
+    def no_sync(self, model: torch.nn.Module, sync: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+        if self.world == 1 or sync:
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(x)  # gloo has no AVG: sum, then divide
+            x /= self.world
+        return x
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(x)
+        return x
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def requested_processes(pid: int | None = None) -> int | None:
+    """The process count a parent `accelerate launch` was asked for (--num_processes N / --num-processes N),
+    read from the parent's command line (Linux /proc); None when the parent is not accelerate or says none."""
+    try:
+        with open(f"/proc/{pid or os.getppid()}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    head = argv[:3]  # `accelerate launch ...`, `python .../accelerate launch ...`, `python -m accelerate.commands.launch`
+    if not (any(a.endswith("/accelerate") or a == "accelerate" for a in head) and "launch" in argv[:4]
+            or "accelerate.commands.launch" in head):
+        return None
+    for i, a in enumerate(argv):
+        m = re.fullmatch(r"--num[_-]processes(?:=(\d+))?", a)
+        if m:
+            value = m.group(1) or (argv[i + 1] if i + 1 < len(argv) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def init(device: str) -> tuple[torch.device, Dist]:
+    """The device and process layout of this run. With WORLD_SIZE > 1, accelerate initialises the process
+    group (gloo on CPU, nccl on CUDA) and picks this rank's device."""
+    ws = world_size()
+    if ws == 1:
+        asked = requested_processes()
+        if asked and asked > 1:
+            raise LaunchError(
+                f"accelerate launch asked for {asked} processes but started 1 (WORLD_SIZE unset; `accelerate "
+                f"launch --cpu` runs one process): for {asked} CPU processes use `accelerate launch --multi_gpu "
+                f"--num_processes {asked} train.py ...` or `torchrun --nproc_per_node {asked} train.py ...`")
+        return resolve_device(device), Dist()
+    from accelerate import Accelerator
+
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if not cpu and not torch.cuda.is_available():
+        raise LaunchError(f"train.device={device} with WORLD_SIZE={ws}, but CUDA is not available")
+    accelerator = Accelerator(cpu=cpu)
+    if accelerator.num_processes != ws:
+        raise LaunchError(f"WORLD_SIZE={ws} but accelerate sees {accelerator.num_processes} processes")
+    return accelerator.device, Dist(rank=accelerator.process_index, world=accelerator.num_processes,
+                                    local_rank=accelerator.local_process_index, accelerator=accelerator)
