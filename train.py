@@ -45,6 +45,7 @@ from harness.records import (
 )
 from harness.run import Run, SetupError, banner, divergence, optimizer_name, setup
 from harness.schedule import lr_factor
+from optimizers.sharded import full
 
 register_configs()
 STARTED = time.time()
@@ -55,11 +56,13 @@ KILL_AT_STEP = int(os.environ.get("OPTBENCH_KILL_AT_STEP", "0"))
 @torch.no_grad()
 def evaluate(run: Run, model: torch.nn.Module) -> float:
     """Mean cross-entropy over the fixed validation tokens (same tokens, same order, every run). With several
-    processes, rank r scores batches r, r + W, ... and the sums are all-reduced."""
+    DDP processes, rank r scores batches r, r + W, ... and the sums are all-reduced; under FSDP every rank
+    runs every batch (its forwards gather parameters, so all ranks must run the same number)."""
     model.eval()
     total, count = 0.0, 0
+    split = run.dist.world > 1 and not run.dist.fsdp
     for i, (x, y) in enumerate(run.data.val_batches(run.cfg.train.eval_batch_size)):
-        if i % run.dist.world != run.dist.rank:
+        if split and i % run.dist.world != run.dist.rank:
             continue
         x, y = x.to(run.device), y.to(run.device)
         with autocast(run.device, run.precision):
@@ -67,7 +70,7 @@ def evaluate(run: Run, model: torch.nn.Module) -> float:
         total += loss.item() * y.numel()
         count += y.numel()
     model.train()
-    if run.dist.world > 1:
+    if split:
         sums = run.dist.sum(torch.tensor([total, count], dtype=torch.float64, device=run.device))
         total, count = sums.tolist()
     return total / count
@@ -122,8 +125,8 @@ def state_bytes(opt) -> int:
 def train(run: Run) -> dict:
     cfg, t, device, opt = run.cfg, run.cfg.train, run.device, run.optimizer
     raw_model, main = run.model, run.dist.main  # main: rank 0, the only one that writes records and logs
-    model = run.dist.wrap(raw_model)  # DDP over the processes of a multi-process run
-    model = torch.compile(model) if run.compile else model
+    fast = torch.compile(raw_model) if run.compile else raw_model  # evaluation runs on this one
+    model = run.dist.wrap(fast)  # DDP over the processes of a multi-process run (FSDP: sharded in setup)
     # Measured dense-matmul rates of this device: the yardstick for model FLOPs utilisation (MFU) below.
     rates = matmul_rates(str(device), 512 if device.type == "cpu" else 4096) if main else {}
     env_extra = {"world_size": run.world_size, "precision": run.precision, "compile": run.compile,
@@ -172,7 +175,7 @@ def train(run: Run) -> dict:
         if main:
             print(f"resumed from {ckpt_path} at step {state['step']} ({len(resumes)} resume(s) so far)", flush=True)
     elif 0 in evals:
-        val = evaluate(run, model)
+        val = evaluate(run, fast)
         record({"step": 0, "val_loss": val, "tokens": 0, "train_time_s": 0.0})
         loop["blowup"] = t.diverge_factor * val
 
@@ -209,7 +212,7 @@ def train(run: Run) -> dict:
             if run.input_hooks:
                 run.input_hooks.end_step()
             # clip_grad_norm_ returns the pre-clip global norm; max_norm=inf only measures it
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or math.inf)
+            grad_norm = full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or math.inf))
             synchronize(device)
             t_opt = time.perf_counter()  # optimizer.step() alone, for the overhead ratio of protocol.md
             if step == 1:
@@ -236,7 +239,7 @@ def train(run: Run) -> dict:
                 diverged = {"step": step, "reason": reason}
                 break
             if step in evals:
-                val = evaluate(run, model)
+                val = evaluate(run, fast)
                 record({"step": step, "val_loss": val, "tokens": tokens, "train_time_s": loop["train_time"]})
                 log.flush()
             if t.ckpt_every and step % t.ckpt_every == 0 and step < t.max_steps:
@@ -257,6 +260,12 @@ def train(run: Run) -> dict:
     log.flush()
     train_time, opt_time, opt_flops = loop["train_time"], loop["opt_time"], loop["opt_flops"]
 
+    if run.dist.fsdp and t.save_final:  # a collective: every rank sends its shards, rank 0 keeps the whole
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        final_state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        final_state = raw_model.state_dict() if main else None
     if not main:
         return {}  # rank 0 writes the records
     fpt = raw_model.flops_per_token(t.seq_len)
@@ -287,7 +296,7 @@ def train(run: Run) -> dict:
     })
     if t.save_final:
         tmp = run.run_dir / ".model_final.pt.tmp"
-        torch.save({"model_config": dataclasses.asdict(cfg.model), "state_dict": raw_model.state_dict()}, tmp)
+        torch.save({"model_config": dataclasses.asdict(cfg.model), "state_dict": final_state}, tmp)
         tmp.replace(run.run_dir / "model_final.pt")
     atomic_write_json(run.run_dir / "summary.json", summary)
     if not t.ckpt_keep_final:

@@ -56,6 +56,9 @@ class TrainConfig:
     log_every: int = 1  # steps between metrics lines
     progress: bool = True  # tqdm progress bar
     save_final: bool = True  # write model_final.pt (for scripts/export_hf.py)
+    # With several processes: ddp (replicated model, gradients all-reduced) or fsdp (FSDP2 fully_shard of every
+    # block and the root: parameters, gradients and AdamW state sharded; see harness/distributed.py for limits)
+    parallel: str = "ddp"
     threads: int = 0  # torch intra-op threads; 0 = torch's default (benchmarks running jobs in parallel set 1)
     # A run directory that already holds a complete run of the same workload is skipped (its summary is kept),
     # one holding an incomplete run is moved aside to <dir>.broken-<time> and rerun. Off: such a directory is
@@ -193,6 +196,8 @@ def validate(cfg: Config) -> Any:
     _positive("wandb.init_timeout", cfg.wandb.init_timeout)
     if cfg.wandb.mode not in ("auto", "online", "offline"):
         raise ConfigError(f"wandb.mode: {cfg.wandb.mode!r} is not auto, online or offline")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel: {t.parallel!r} is not ddp or fsdp")
     if t.threads < 0:
         raise ConfigError(f"train.threads: must be >= 0 (got {t.threads})")
     if t.diverge_patience < 1:

@@ -39,22 +39,40 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     accelerator: Any = None  # accelerate.Accelerator when world > 1
+    fsdp: bool = False  # train.parallel=fsdp with world > 1
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    def shard(self, model: torch.nn.Module, device: torch.device) -> None:
+        """FSDP2: fully_shard every block (each element of the model's nn.ModuleLists) and then the root, on a
+        1-D mesh of all ranks. Parameters become DTensors sharded along dim 0; build the optimizer after."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (self.world,))
+        for module in list(model.modules()):
+            if isinstance(module, torch.nn.ModuleList):
+                for block in module:
+                    fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DistributedDataParallel through accelerate (gradients averaged over ranks), or the model itself."""
-        if self.world == 1:
+        """DistributedDataParallel through accelerate (gradients averaged over ranks); an FSDP model (already
+        sharded) or a single process's model as it is."""
+        if self.world == 1 or self.fsdp:
             return model
         return self.accelerator.prepare_model(model, device_placement=False)
 
     def no_sync(self, model: torch.nn.Module, sync: bool):
-        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
-        if self.world == 1 or sync:
+        """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) on all but the last micro-batch."""
+        if self.world == 1:
             return contextlib.nullcontext()
-        return model.no_sync()
+        if self.fsdp:
+            model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else model.no_sync()
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -92,10 +110,13 @@ def requested_processes(pid: int | None = None) -> int | None:
     return None
 
 
-def init(device: str) -> tuple[torch.device, Dist]:
+def init(device: str, parallel: str = "ddp") -> tuple[torch.device, Dist]:
     """The device and process layout of this run. With WORLD_SIZE > 1, accelerate initialises the process
     group (gloo on CPU, nccl on CUDA) and picks this rank's device."""
     ws = world_size()
+    if ws == 1 and parallel == "fsdp":
+        raise LaunchError("train.parallel=fsdp needs several processes (WORLD_SIZE is 1): launch with torchrun or "
+                          "accelerate launch, or use train.parallel=ddp")
     if ws == 1:
         asked = requested_processes()
         if asked and asked > 1:
@@ -113,4 +134,5 @@ def init(device: str) -> tuple[torch.device, Dist]:
     if accelerator.num_processes != ws:
         raise LaunchError(f"WORLD_SIZE={ws} but accelerate sees {accelerator.num_processes} processes")
     return accelerator.device, Dist(rank=accelerator.process_index, world=accelerator.num_processes,
-                                    local_rank=accelerator.local_process_index, accelerator=accelerator)
+                                    local_rank=accelerator.local_process_index, accelerator=accelerator,
+                                    fsdp=parallel == "fsdp")

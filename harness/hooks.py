@@ -14,6 +14,7 @@ micro-batches of a step for which the optimizer asked, so other steps and evalua
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -33,7 +34,8 @@ class InputHooks:
         covered = set()
         for module in model.modules():
             if isinstance(module, nn.Linear) and id(module.weight) in hidden_ids:
-                hooks.handles.append(module.register_forward_hook(hooks._hook))
+                # the parameter as the optimizer holds it (under FSDP the module swaps in a gathered copy)
+                hooks.handles.append(module.register_forward_hook(functools.partial(hooks._hook, module.weight)))
                 covered.add(id(module.weight))
         missing = hidden_ids - covered
         if missing:
@@ -41,10 +43,11 @@ class InputHooks:
                              "are not the weight of an nn.Linear, so no hook can deliver them")
         return hooks
 
-    def _hook(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def _hook(self, weight: torch.Tensor, module: nn.Linear, inputs: tuple[torch.Tensor, ...],
+              output: torch.Tensor) -> None:
         if self.active and module.training:
             with torch.no_grad():
-                self.optimizer.observe_input(module.weight, inputs[0].detach())
+                self.optimizer.observe_input(weight, inputs[0].detach())
 
     def begin_step(self, step: int) -> None:
         self.active = bool(self.optimizer.wants_inputs(step))

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.loader import TokenData
 from harness import checkpoint
 from harness.checkpoint import CheckpointError
-from harness.config import Config, ConfigError, validate
+from harness.config import Config, ConfigError, validate, world_size
 from harness.device import resolve_precision
 from harness.distributed import Dist, init
 from harness.hooks import InputHooks
@@ -130,7 +130,9 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device, dist = init(t.device)  # one process, or this rank of a torchrun / accelerate launch
+    if t.parallel == "fsdp" and world_size() > 1:
+        check_fsdp(cfg, spec)  # before the process group forms: a refused rank must not leave others waiting
+    device, dist = init(t.device, t.parallel)  # one process, or this rank of a torchrun / accelerate launch
     done = complete_summary(run_dir) if t.skip_complete else None
     resume = None
     if done is None and t.resume and not (run_dir / "summary.json").exists():
@@ -162,6 +164,8 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
+    if dist.fsdp:
+        dist.shard(model, device)  # before the optimizer: it must hold the sharded parameters
     split = split_parameters(model.named_parameters(), model.param_roles(), ROLE_GROUP, model.attn_layout())
     optimizer = spec.build(split)
     for group in optimizer.param_groups:  # the schedule scales this peak value at every step
@@ -178,6 +182,20 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
                data=data, model=model, split=split, optimizer=optimizer, input_hooks=input_hooks, world_size=dist.world, grad_accum=grad_accum,
                tokens_per_step=tokens_per_step, eval_steps=workload["eval_steps"], workload=workload,
                workload_hash=workload_hash(workload), resume=resume, dist=dist)
+
+
+def check_fsdp(cfg: Config, spec: Any) -> None:
+    """What train.parallel=fsdp does not support, refused before any compute (README: Multi-process)."""
+    if not getattr(spec, "supports_fsdp", False):
+        raise SetupError(f"optimizer: {type(spec).__name__[:-4]} does not run on FSDP-sharded parameters "
+                         "(train.parallel=fsdp supports AdamW, Muon, NorMuon, Newton-Muon and PolarGrad); use "
+                         "train.parallel=ddp")
+    if cfg.model.pc_level:
+        raise SetupError("model.pc_level: PC layers are not supported with train.parallel=fsdp (their power "
+                         "iteration reads the whole weight between steps); use train.parallel=ddp")
+    if cfg.train.ckpt_every:
+        raise SetupError("train.ckpt_every: checkpoints of train.parallel=fsdp runs are not implemented; set "
+                         "train.ckpt_every=0 (or use train.parallel=ddp)")
 
 
 def load_state(path: Path, payload: dict[str, Any], model: torch.nn.Module, optimizer) -> None:

@@ -9,6 +9,7 @@ conf/optimizer/adamw.yaml, e.g. `python train.py optimizer=adamw optimizer.lr=1e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,7 @@ def check_adam_hparams(prefix: str, *, lr: float, betas, weight_decay: float, ep
 
 @dataclass
 class AdamWSpec:
+    supports_fsdp: ClassVar[bool] = True  # runs on FSDP-sharded parameters (train.parallel=fsdp)
     lr: float = 3e-3  # peak lr; the schedule multiplies it
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8

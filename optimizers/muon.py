@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -25,6 +26,7 @@ from optimizers.adamw import AdamWSpec
 from optimizers.groups import ParamSplit, require_matrices
 from optimizers.hybrid import Hybrid, with_aux_adamw
 from optimizers.ortho import DTYPES, METHODS, compute_dtype, orthogonalize, orthogonalize_many
+from optimizers.sharded import apply_, full
 
 SCALES = {
     "keller": lambda m, n: math.sqrt(max(1.0, m / n)),
@@ -91,6 +93,8 @@ class Muon(torch.optim.Optimizer):
     then `step()` applies W <- W (1 - lr wd) - lr * update. p.grad is never modified.
     """
 
+    supports_fsdp = True  # whole-matrix step on sharded parameters: optimizers/sharded.py
+
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, backend: str = "ns", scale: str = "keller",
                  dtype: str = "auto"):
@@ -109,7 +113,7 @@ class Muon(torch.optim.Optimizer):
 
     def direction(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
+            state["momentum_buffer"] = torch.zeros_like(grad)  # grad: whole, also for a sharded p
         return momentum_direction(grad, state["momentum_buffer"], momentum=group["momentum"],
                                   nesterov=group["nesterov"])
 
@@ -126,14 +130,14 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            directions = [self.direction(p, self.transform_grad(p, p.grad, self.state[p]), self.state[p], group)
-                          for p in params]
+            directions = [self.direction(p, self.transform_grad(p, full(p.grad), self.state[p]), self.state[p],
+                                         group) for p in params]
             ortho = orthogonalize_many(directions, group["backend"], group["ns_steps"],
                                        compute_dtype(params[0].device, group["dtype"]))
             for p, O in zip(params, ortho):
                 update = self.shape_update(p, O, self.state[p], group)
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, with the unscaled lr
-                p.add_(update, alpha=-group["lr"])
+                # decoupled weight decay with the unscaled lr; a sharded p takes its rows of the update
+                apply_(p, update, 1 - group["lr"] * group["weight_decay"], -group["lr"])
         return loss
 
 
@@ -146,6 +150,7 @@ def aux_adamw_default() -> AdamWSpec:
 
 @dataclass
 class MuonSpec:
+    supports_fsdp: ClassVar[bool] = True  # runs on FSDP-sharded parameters (train.parallel=fsdp)
     lr: float = 0.02  # peak lr of the hidden matrices (Keller's default, with scale=keller)
     momentum: float = 0.95
     nesterov: bool = True

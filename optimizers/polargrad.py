@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -25,6 +26,7 @@ from optimizers.groups import ParamSplit, require_matrices
 from optimizers.hybrid import Hybrid, with_aux_adamw
 from optimizers.muon import aux_adamw_default
 from optimizers.ortho import DTYPES, METHODS, compute_dtype, orthogonalize_many
+from optimizers.sharded import apply_, full
 
 PolarMany = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 
@@ -56,6 +58,8 @@ class PolarGrad(torch.optim.Optimizer):
     default, 5 or 10); `dtype`: the NS / Polar Express dtype (QDWH and SVD always run in fp32).
     """
 
+    supports_fsdp = True  # whole-matrix step on sharded parameters: optimizers/sharded.py
+
     def __init__(self, params, lr: float = 0.4, momentum: float = 0.95, weight_decay: float = 0.0,
                  polar_first: bool = False, backend: str = "qdwh", ns_steps: int | None = None,
                  dtype: str = "auto", extra_scale: float = 1.0):
@@ -79,21 +83,20 @@ class PolarGrad(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            bufs = []
-            for p in params:
+            grads, bufs = [full(p.grad) for p in params], []  # whole matrices, also for sharded parameters
+            for p, g in zip(params, grads):
                 if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(g)
                 bufs.append(self.state[p]["momentum_buffer"])
             dtype = compute_dtype(params[0].device, group["dtype"])
 
             def polar(xs, group=group, dtype=dtype):
                 return orthogonalize_many(xs, group["backend"], group["ns_steps"], dtype)
 
-            updates = polargrad_updates([p.grad for p in params], bufs, momentum=group["momentum"],
+            updates = polargrad_updates(grads, bufs, momentum=group["momentum"],
                                         polar_first=group["polar_first"], polar=polar)
-            for p, update in zip(params, updates):
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, without extra_scale
-                p.add_(update, alpha=-group["lr"] * group["extra_scale"])
+            for p, update in zip(params, updates):  # decoupled decay, without extra_scale
+                apply_(p, update, 1 - group["lr"] * group["weight_decay"], -group["lr"] * group["extra_scale"])
         return loss
 
 
@@ -118,6 +121,7 @@ def check_hparams(prefix: str, *, lr: float, momentum: float, weight_decay: floa
 
 @dataclass
 class PolarGradSpec:
+    supports_fsdp: ClassVar[bool] = True  # runs on FSDP-sharded parameters (train.parallel=fsdp)
     lr: float = 0.4  # peak lr; multiplies ||M||_*, so not Muon's scale (measured: conf/optimizer/polargrad.yaml)
     momentum: float = 0.95  # EMA beta: M <- beta M + (1 - beta) X
     polar_first: bool = False  # True: average polar(G), scaled by the current ||G||_*
