@@ -194,14 +194,17 @@ def test_multi_process_config_errors(tmp_path, world, extra, message):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-# FSDP2: gradients reduce-scattered in another order than DDP's all-reduce; measured here: AdamW 2.9e-6,
-# Muon (bf16 Newton-Schulz on this CPU) 2.0e-4, Newton-Muon 1.2e-4, PolarGrad 8.6e-6 absolute on losses ~6-8.
-FSDP_RTOL = 1e-4
+# FSDP2 reduce-scatters gradients in another summation order than one process: largest loss difference
+# measured here, AdamW 2.9e-6 and Muon with fp32 Newton-Schulz 1.9e-6 (absolute, losses ~6-8). With bf16
+# Newton-Schulz (this CPU's auto choice) bf16 rounding amplifies it: Muon 2.0e-4, Newton-Muon 1.2e-4, and
+# the weights drift 1.4% apart in 12 steps (fp32: 1.1e-4), so the test pins fp32.
+FSDP_RTOL = 1e-5
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_fsdp_two_processes_match_one_process(kjv_dir, tmp_path, optimizer):
-    args = [*SMOKE, f"optimizer={optimizer}", "train.ckpt_every=0"]
+    args = [*SMOKE, f"optimizer={optimizer}", "train.ckpt_every=0"] + (["optimizer.dtype=fp32"] if optimizer == "muon"
+                                                                       else [])
     one, two = tmp_path / "one", tmp_path / "two"
     procs = [launch([sys.executable, "train.py", *args, f"hydra.run.dir={one}"]),
              launch([*torchrun(2), "train.py", *args, "train.parallel=fsdp", f"hydra.run.dir={two}"])]
@@ -216,4 +219,4 @@ def test_fsdp_two_processes_match_one_process(kjv_dir, tmp_path, optimizer):
     w1, w2 = (torch.load(d / "model_final.pt", weights_only=True)["state_dict"] for d in (one, two))
     assert {k: v.shape for k, v in w1.items()} == {k: v.shape for k, v in w2.items()}
     for k in w1:  # relative Frobenius distance (the losses above bound the effect of the drift)
-        assert (w2[k] - w1[k]).norm() <= 1e-2 * w1[k].norm() + 1e-6, k  # measured: <= 1.1e-3 (Muon, wte)
+        assert (w2[k] - w1[k]).norm() <= 1e-3 * w1[k].norm() + 1e-6, k  # measured: <= 1.1e-4
