@@ -33,7 +33,7 @@ from harness import checkpoint
 from harness.checkpoint import CheckpointError
 from harness.config import ConfigError, register_configs
 from harness.device import autocast, matmul_rates, synchronize
-from harness.distributed import LaunchError
+from harness.distributed import LaunchError, shutdown
 from harness.preflight import preflight
 from harness.records import (
     MetricsLog,
@@ -333,3 +333,4 @@ if __name__ == "__main__":
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     main()
+    shutdown()  # multi-process runs: leave the process group together

@@ -90,6 +90,14 @@ class Dist:
             dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group in step: a barrier, then destroy it. Exiting with a live gloo group can abort
+    a rank at interpreter exit ("terminate called without an active exception", seen here under load)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def requested_processes(pid: int | None = None) -> int | None:
     """The process count a parent `accelerate launch` was asked for (--num_processes N / --num-processes N),
     read from the parent's command line (Linux /proc); None when the parent is not accelerate or says none."""

@@ -186,3 +186,28 @@ def test_diverging_trial_is_recorded_and_never_stops_the_sweep(kjv_dir, tmp_path
     assert bad.diverged and bad.final_loss == math.inf and bad.summary["diverged_reason"]
     assert json.loads((out / "bench.json").read_text())["chosen"]["adamw"]["trial"] == "optimizer.lr=0.003"
     assert not runs[("seed", "s1")].diverged
+
+
+def test_slurm_launcher_composes_for_a_benchmark_phase(tmp_path):
+    """No cluster here: the SLURM (submitit) launcher config of a real benchmark phase command must compose,
+    with the benchmark's overrides, into Hydra's SlurmLauncher with the documented resources."""
+    from scripts.bench import hydra_command
+
+    b = load_bench(write(tmp_path, declaration(launcher="slurm")))
+    out = tmp_path / "bench_s"
+    (out / "conf" / "trial").mkdir(parents=True)
+    names = []
+    for i, r in enumerate(plan_runs(b, "tune")):
+        names.append(f"tune__{r['arm']}__{i}")
+        (out / "conf" / "trial" / f"{names[-1]}.yaml").write_text(trial_config(b, r))
+    cmd = hydra_command(b, out, names)
+    assert cmd[2] == "-m" and f"+trial={','.join(names)}" in cmd
+    # --cfg prints the composed config of one job (it cannot be combined with -m and a sweep)
+    cmd = [c if not c.startswith("+trial=") else f"+trial={names[0]}" for c in cmd if c != "-m"]
+    cmd += ["hydra.launcher.partition=gpu", "--cfg", "hydra"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher["partition"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == ("gpu", 1, 1)
+    assert launcher["submitit_folder"].endswith(".submitit/%j")

@@ -140,6 +140,7 @@ def _worker(rank, world, store, name, out):
     torch.set_num_threads(1)
     params, work, K = _step(name, _params(), rank, world)
     torch.save({"params": params, "work": work, "K": K}, f"{out}.{rank}")
+    dist.barrier()
     dist.destroy_process_group()
 
 
