@@ -1,0 +1,374 @@
+"""Step-cost benchmark: what each optimizer and the harness cost per training step, next to the references.
+
+    python scripts/perf.py cpu_small            # make perf; about a step per second on 2 CPU cores
+    python scripts/perf.py cpu_tiny --repeats 3  # seconds; the regression guard's preset
+    python scripts/perf.py gpt2_124m            # on a GPU (bf16 autocast, torch.compile)
+
+In one process, repeats interleaved (every measured thing once per round, medians over rounds):
+forward+backward of the model over one global batch; each optimizer's step() (as a ratio to forward+
+backward and to AdamW's step), its state bytes (ratio to AdamW's); the orthogonalization's matmul FLOP rate
+(FlopCounterMode count / time) against the machine's measured dense-matmul rate, and the step/fwd+bwd ratio
+the FLOPs predict at equal rate (5 Newton-Schulz steps on a d x d matrix: about 30 d^3 FLOPs, against
+6 d^2 T for forward+backward over T tokens); references in the same process: torch.optim.AdamW (foreach,
+fused), torch.optim.Muon on the same hidden matrices, and the `transformers` model of the identical
+configuration (tokens/s of a training step with the same AdamW). Then, in a subprocess, train.py on the
+same workload: its clocked step over the bare loop's is the harness overhead. Writes
+results/perf/<preset>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness.config import register_configs, validate
+from harness.device import autocast, matmul_rates, resolve_device, resolve_precision, synchronize
+from harness.hooks import InputHooks
+from harness.records import atomic_write_json, atomic_write_text, environment
+from harness.run import to_typed
+from models import ROLE_GROUP, build_model
+from optimizers import ortho
+from optimizers.groups import split_parameters
+
+# Presets: model and global batch (sequences x tokens); micro = global (no accumulation) unless given.
+PRESETS = {
+    "cpu_tiny": ["model=gpt2_micro", "train.seq_len=64", "train.global_batch_size=16", "train.micro_batch_size=16"],
+    "cpu_small": ["model=gpt2_tiny", "train.seq_len=256", "train.global_batch_size=32",
+                  "train.micro_batch_size=32"],
+    "gpt2_124m": ["model=gpt2_124m", "train.seq_len=1024", "train.global_batch_size=32",
+                  "train.micro_batch_size=16"],
+}
+OPTIMIZERS = ["adamw", "muon", "normuon", "polargrad", "newton_muon", "adam_mini", "soap", "lion"]
+MATRIX = {"muon", "normuon", "polargrad", "newton_muon"}
+
+
+def config(preset: str, optimizer: str = "adamw", extra: tuple[str, ...] = ()):
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3", job_name="perf"):
+        dcfg = compose("config", overrides=[*PRESETS[preset], f"optimizer={optimizer}", "logger=none", "name=perf",
+                                                  *extra])
+    cfg = to_typed(dcfg)
+    return cfg, validate(cfg)
+
+
+class Setup:
+    """Model + optimizer of one configuration, with a fixed random global batch (timing needs no data)."""
+
+    def __init__(self, preset: str, optimizer: str, device: torch.device, extra: tuple[str, ...] = ()):
+        self.cfg, spec = config(preset, optimizer, extra)
+        t = self.cfg.train
+        torch.manual_seed(0)
+        self.model = build_model(self.cfg.model).to(device)
+        self.split = split_parameters(self.model.named_parameters(), self.model.param_roles(), ROLE_GROUP,
+                                      self.model.attn_layout())
+        self.opt = spec.build(self.split)
+        for g in self.opt.param_groups:
+            g["peak_lr"] = g["lr"]
+        self.hooks = InputHooks.attach(self.model, self.opt, self.split.params("hidden"))
+        self.device, self.precision = device, resolve_precision(t.precision, device)
+        self.accum = t.global_batch_size // t.micro_batch_size
+        gen = torch.Generator().manual_seed(1)
+        self.batches = [torch.randint(0, self.cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1),
+                                      generator=gen).to(device) for _ in range(self.accum)]
+        self.tokens = t.global_batch_size * t.seq_len
+        self.steps = 0
+
+    def fwd_bwd(self, model=None) -> None:
+        model = model or self.model
+        for b in self.batches:
+            with autocast(self.device, self.precision):
+                _, loss = model(b[:, :-1], b[:, 1:])
+            (loss / self.accum).backward()
+
+    def step(self) -> None:
+        self.opt.step()
+        self.steps += 1
+
+    def train_step(self) -> None:
+        """The bare loop: forward+backward, clip, step, zero_grad (what train.py's clock also covers)."""
+        self.fwd_bwd()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.model.after_optimizer_step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def rounds(items: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each callable, the repeats interleaved (one of each per round), after one warm-up."""
+    for fn in items.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in items}
+    for _ in range(repeats):
+        for k, fn in items.items():
+            times[k].append(timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def state_bytes(opt) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+def ortho_cost(s: Setup, repeats: int) -> dict[str, float]:
+    """The orthogonalization alone on the optimizer's real hidden-matrix shapes (momentum-like inputs):
+    matmul FLOPs (FlopCounterMode; QR / Cholesky of QDWH not counted) and the median time."""
+    group = next(g for g in s.opt.param_groups if "backend" in g)
+    # QDWH and SVD run in fp32 whatever the dtype setting (torch has no bf16 QR / Cholesky / SVD)
+    dtype = (ortho.compute_dtype(s.device, group["dtype"]) if group["backend"] in ("ns", "polar_express")
+             else torch.float32)
+    mats = [torch.randn_like(p) for p in group["params"]]
+    steps = group.get("ns_steps")
+
+    def run():
+        return ortho.orthogonalize_many(mats, group["backend"], steps, dtype)
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    t = rounds({"ortho": run}, repeats, s.device)["ortho"]
+    return {"flops": counter.get_total_flops(), "time_s": t, "dtype": str(dtype).removeprefix("torch."),
+            "backend": group["backend"]}
+
+
+def measure_optimizers(preset: str, optimizers: list[str], device: torch.device, repeats: int) -> dict:
+    """fwd+bwd and step() of every optimizer, interleaved; state bytes; the matrix methods' ortho cost."""
+    setups = {name: Setup(preset, name, device) for name in optimizers}
+    for s in setups.values():  # gradients to step with (kept: step() does not consume them), state created
+        s.fwd_bwd()
+        s.step()
+    base = setups[optimizers[0]]
+    items = {"fwd_bwd": lambda: (base.model.zero_grad(set_to_none=True), base.fwd_bwd())}
+    items.update({name: s.step for name, s in setups.items()})
+    t = rounds(items, repeats, device)
+    out = {"fwd_bwd_s": t["fwd_bwd"], "tokens": base.tokens,
+           "fwd_bwd_flops": base.tokens * base.model.flops_per_token(base.cfg.train.seq_len), "optimizers": {}}
+    adamw = t.get("adamw")
+    bytes_adamw = state_bytes(setups["adamw"].opt) if "adamw" in setups else None
+    for name, s in setups.items():
+        r = {"step_s": t[name], "step_over_fwd_bwd": t[name] / t["fwd_bwd"],
+             "step_over_adamw": t[name] / adamw if adamw else None, "state_bytes": state_bytes(s.opt),
+             "state_bytes_over_adamw": state_bytes(s.opt) / bytes_adamw if bytes_adamw else None}
+        if name in MATRIX:
+            c = ortho_cost(s, repeats)
+            peak = matmul_rates(str(device), 512)["bfloat16" if c["dtype"] == "bfloat16" else "float32"] * 1e9
+            r.update(ortho=c, ortho_flops_over_matmul_peak=c["flops"] / c["time_s"] / peak,
+                     predicted_step_over_fwd_bwd=c["flops"] / out["fwd_bwd_flops"])
+        out["optimizers"][name] = r
+    return out
+
+
+def newton_refresh(preset: str, device: torch.device, repeats: int) -> dict:
+    """Newton-Muon's refresh, amortized over its interval k: the refresh step (statistics folded, batched
+    Cholesky) and the forward hooks' Gram matrices, measured with refresh_every=1, spread over k steps."""
+    plain = Setup(preset, "newton_muon", device)
+    every = Setup(preset, "newton_muon", device, ("optimizer.refresh_every=1",))
+    k = plain.opt.refresh_every
+    for s in (plain, every):
+        s.fwd_bwd()
+    every.hooks.begin_step(0)
+    every.fwd_bwd()
+    every.hooks.end_step()
+    every.step()
+
+    def with_inputs():
+        every.hooks.begin_step(every.steps)
+        every.fwd_bwd()
+        every.hooks.end_step()
+
+    def refresh_step():
+        every.step()
+
+    times: dict[str, list[float]] = {"fwd_bwd": [], "fwd_bwd_hooks": [], "step": [], "refresh_step": []}
+    for _ in range(repeats):
+        times["fwd_bwd"].append(timed(plain.fwd_bwd, device))
+        times["fwd_bwd_hooks"].append(timed(with_inputs, device))
+        times["step"].append(timed(plain.step, device))
+        times["refresh_step"].append(timed(refresh_step, device))
+    m = {key: statistics.median(v) for key, v in times.items()}
+    extra = (m["refresh_step"] - m["step"]) + (m["fwd_bwd_hooks"] - m["fwd_bwd"])
+    return {"refresh_every": k, **{f"{key}_s": v for key, v in m.items()},
+            "amortized_step_s": m["step"] + extra / k}
+
+
+def references(preset: str, device: torch.device, repeats: int) -> dict:
+    """torch.optim.AdamW (foreach, fused), torch.optim.Muon on our hidden matrices vs our Muon class alone,
+    and transformers' model at the same configuration (training step tokens/s, same AdamW)."""
+    from transformers import AutoModelForCausalLM
+
+    from models.hf import hf_config
+
+    ours = Setup(preset, "adamw", device)
+    ref = Setup(preset, "adamw", device)  # its gradients stay (ours.train_step zeroes its own)
+    ref.fwd_bwd()
+    params = list(ref.model.parameters())
+    refs = {"torch_adamw_foreach": torch.optim.AdamW(params, lr=1e-3, foreach=True),
+            "torch_adamw_fused": torch.optim.AdamW(params, lr=1e-3, fused=True)}
+    muon_setup = Setup(preset, "muon", device)
+    hidden = muon_setup.split.params("hidden")
+    our_muon = muon_setup.opt.optimizers[0]  # the Muon member of the Hybrid: hidden matrices only
+    muon_setup.fwd_bwd()
+    items = {k: o.step for k, o in refs.items()}
+    if hasattr(torch.optim, "Muon"):
+        items["torch_muon"] = torch.optim.Muon(hidden, lr=0.02, adjust_lr_fn="match_rms_adamw").step
+    items["our_muon_hidden"] = our_muon.step
+
+    hf = AutoModelForCausalLM.from_config(hf_config(ours.cfg.model)).to(device)
+    hf.train()
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    b = ours.batches
+
+    def hf_step():
+        for x in b:
+            with autocast(device, ours.precision):
+                loss = hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # labels shift inside: same T-1 targets
+            (loss / len(b)).backward()
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+
+    items.update({"transformers_train_step": hf_step, "ours_train_step": ours.train_step})
+    t = rounds(items, repeats, device)
+    return {**{f"{k}_s": v for k, v in t.items()},
+            "tokens_per_s_ours": ours.tokens / t["ours_train_step"],
+            "tokens_per_s_transformers": ours.tokens / t["transformers_train_step"],
+            "tokens_per_s_over_transformers": t["transformers_train_step"] / t["ours_train_step"]}
+
+
+def large_batch_muon(preset: str, device: torch.device, tokens: int, step_s: float) -> dict:
+    """Muon's step against forward+backward at >= `tokens` per step (accumulation): the step does not
+    grow with the batch, forward+backward does."""
+    s = Setup(preset, "muon", device)
+    reps = math.ceil(tokens / s.tokens)
+    s.fwd_bwd()
+    fb = statistics.median(timed(s.fwd_bwd, device) for _ in range(2)) * reps
+    return {"tokens": s.tokens * reps, "fwd_bwd_s": fb, "muon_step_s": step_s, "muon_step_over_fwd_bwd": step_s / fb}
+
+
+def pc_overhead(preset: str, device: torch.device, repeats: int) -> dict:
+    plain, pc = Setup(preset, "adamw", device), Setup(preset, "adamw", device, ("model.pc_level=4",))
+    t = rounds({"plain": plain.fwd_bwd, "pc": pc.fwd_bwd}, repeats, device)
+    refresh = rounds({"refresh": pc.model.after_optimizer_step}, repeats, device)["refresh"]
+    return {"fwd_bwd_s": t["plain"], "pc4_fwd_bwd_s": t["pc"], "pc4_refresh_s": refresh,
+            "pc4_overhead": (t["pc"] + refresh) / t["plain"] - 1}
+
+
+def harness_overhead(preset: str, device: torch.device, bare_step_s: float, steps: int) -> dict:
+    """train.py on the same workload (AdamW, real data, logging every step, no evaluation or checkpoint
+    inside the measured steps): the median of its clocked step times over the bare loop's step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(REPO / "train.py"), *PRESETS[preset], "optimizer=adamw", "logger=none",
+               f"train.max_steps={steps}", f"train.eval_every={steps}", "train.eval_dense_frac=0",
+               "train.ckpt_every=0", "train.save_final=false", "train.progress=false",
+               f"train.threads={torch.get_num_threads()}", f"hydra.run.dir={tmp}/run"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False,
+                              env={**os.environ, "WANDB_MODE": "disabled"})
+        if proc.returncode:
+            raise RuntimeError(f"train.py failed: {proc.stderr[-1500:]}")
+        clock = [json.loads(line)["train_time_s"] for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+                 if "train_loss" in line]
+    per_step = [b - a for a, b in itertools.pairwise(clock)][2:]  # steps 3..: warm
+    harness = statistics.median(per_step)
+    return {"train_py_step_s": harness, "bare_step_s": bare_step_s, "harness_overhead": harness / bare_step_s - 1}
+
+
+def table(res: dict) -> str:
+    o = res["optimizers"]
+    lines = [f"# Step cost: preset {res['preset']} ({res['device']}, {res['threads']} threads, {res['date']})", "",
+             (f"forward+backward: {res['fwd_bwd_s'] * 1e3:.1f} ms for {res['tokens']:,} tokens; "
+             f"ours vs transformers: {res['tokens_per_s_over_transformers']:.2f}x tokens/s; harness overhead "
+             f"{res['harness_overhead']:+.1%}"), "",
+             ("| optimizer | step (ms) | step / fwd+bwd | step / AdamW | state / AdamW | ortho rate / matmul peak | "
+             "predicted step / fwd+bwd |"), "|---|---|---|---|---|---|---|"]
+    for name, r in o.items():
+        ortho_rate = f"{r['ortho_flops_over_matmul_peak']:.0%} ({r['ortho']['backend']}, {r['ortho']['dtype']})" \
+            if "ortho" in r else ""
+        pred = f"{r['predicted_step_over_fwd_bwd']:.3f}" if "predicted_step_over_fwd_bwd" in r else ""
+        lines.append(f"| {name} | {r['step_s'] * 1e3:.2f} | {r['step_over_fwd_bwd']:.3f} | {r['step_over_adamw']:.2f} "
+                     f"| {r['state_bytes_over_adamw']:.3f} | {ortho_rate} | {pred} |")
+    ref = res["references"]
+    lines += ["", "References (same process, interleaved): " + ", ".join(
+        f"{k.removesuffix('_s')} {v * 1e3:.2f} ms" for k, v in ref.items() if k.endswith("_s")), ""]
+    if "newton_refresh" in res:
+        n = res["newton_refresh"]
+        lines.append(f"Newton-Muon amortized over k={n['refresh_every']}: {n['amortized_step_s'] * 1e3:.2f} ms/step "
+                     f"(refresh step {n['refresh_step_s'] * 1e3:.2f} ms, Grams in the forward "
+                     f"{(n['fwd_bwd_hooks_s'] - n['fwd_bwd_s']) * 1e3:.2f} ms)")
+    if "large_batch" in res:
+        lb = res["large_batch"]
+        lines.append(f"Muon at {lb['tokens']:,} tokens/step: step / fwd+bwd = {lb['muon_step_over_fwd_bwd']:.2%}")
+    if "pc" in res:
+        lines.append(f"PC layers (level 4) per step: {res['pc']['pc4_overhead']:+.1%} over forward+backward")
+    return "\n".join(lines) + "\n"
+
+
+def run(preset: str, repeats: int, optimizers: list[str], out: Path | None, full: bool = True) -> dict:
+    cfg, _ = config(preset)
+    device = resolve_device(cfg.train.device)
+    res = {"preset": preset, "device": str(device), "threads": torch.get_num_threads(),
+           "date": time.strftime("%Y-%m-%d"), "overrides": PRESETS[preset],
+           "matmul_gflops": matmul_rates(str(device), 512)}
+    res.update(measure_optimizers(preset, optimizers, device, repeats))
+    if full:
+        if "newton_muon" in optimizers:
+            res["newton_refresh"] = nr = newton_refresh(preset, device, repeats)
+            r = res["optimizers"]["newton_muon"]
+            r["amortized_step_over_fwd_bwd"] = nr["amortized_step_s"] / res["fwd_bwd_s"]
+        res["references"] = references(preset, device, repeats)
+        res["tokens_per_s_over_transformers"] = res["references"]["tokens_per_s_over_transformers"]
+        res["pc"] = pc_overhead(preset, device, repeats)
+        if "muon" in optimizers:
+            res["large_batch"] = large_batch_muon(preset, device, 65536, res["optimizers"]["muon"]["step_s"])
+        res.update(harness_overhead(preset, device, res["references"]["ours_train_step_s"], 30))
+        res["environment"] = environment(device)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / f"{preset}.json", res)
+        if full:
+            atomic_write_text(out / f"{preset}.md", table(res))
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("preset", choices=sorted(PRESETS))
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--out", default=str(REPO / "results" / "perf"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.optimizers.split(",")
+    unknown = sorted(set(names) - set(OPTIMIZERS))
+    if unknown or "adamw" not in names:
+        sys.exit(f"error: --optimizers: {', '.join(unknown) or 'adamw is required (the reference)'}")
+    res = run(args.preset, args.repeats, names, Path(args.out))
+    print(table(res))
+    print(f"wrote {args.out}/{args.preset}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
