@@ -7,7 +7,7 @@ DATA    := data/cache/kjv/meta.json
 ARGS    ?=
 NPROC   ?= 2
 
-.PHONY: help setup data bench bench-hour ddp test test-all lint clean-venv
+.PHONY: help setup data bench bench-hour ddp perf test test-all lint clean-venv
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ bench: $(DATA)  ## the default benchmark: 9 methods x (3 trials + 2 seeds) on GP
 
 bench-hour: $(DATA)  ## the larger CPU benchmark: 9 methods x (5 trials + 3 seeds) on GPT-2 tiny (~1 h)
 	$(PY) scripts/bench.py cpu_hour $(ARGS)
+
+perf: $(DATA)  ## step-cost benchmark on the CPU-small preset (~1.5 min): results/perf/cpu_small.{json,md}
+	$(PY) scripts/perf.py cpu_small $(ARGS)
 
 ddp: $(DATA)  ## train.py on NPROC (2) processes via torchrun (gloo on CPU, nccl on GPUs); ARGS must set hydra.run.dir
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train.py $(ARGS)

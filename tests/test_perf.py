@@ -1,0 +1,41 @@
+"""Regression guard for step cost (scripts/perf.py): on the CPU-tiny preset, each optimizer's step() time as
+a ratio to forward+backward (ratios, not absolute times: both slow down together on a busy machine) must stay
+under a generous bound, about 3x what was measured when the bound was set, so a slowdown cannot land
+unnoticed. Also the state-memory ratios, which do not depend on the machine."""
+
+import pytest
+
+from scripts import perf
+
+# step / fwd+bwd measured on cpu_tiny (2-core AMD EPYC, 2 threads, 2026-11-25): adamw 0.057, muon 0.125,
+# normuon 0.128, polargrad 0.448, newton_muon 0.121, adam_mini 0.053, soap 0.098, lion 0.016
+BOUND = {"adamw": 0.2, "muon": 0.4, "normuon": 0.4, "polargrad": 1.5, "newton_muon": 0.4, "adam_mini": 0.2,
+         "soap": 0.3, "lion": 0.1}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return perf.run("cpu_tiny", repeats=5, optimizers=list(BOUND), out=None, full=False)
+
+
+@pytest.mark.parametrize("name", list(BOUND))
+def test_step_over_fwd_bwd_stays_bounded(tiny, name):
+    r = tiny["optimizers"][name]
+    assert 0 < r["step_over_fwd_bwd"] < BOUND[name], (name, r["step_s"], tiny["fwd_bwd_s"])
+
+
+def test_state_memory_ratios(tiny):
+    o = tiny["optimizers"]
+    assert o["adam_mini"]["state_bytes_over_adamw"] <= 0.51  # issue target: at most 0.51x AdamW's
+    assert o["lion"]["state_bytes_over_adamw"] == pytest.approx(0.5, abs=1e-3)  # one moment, not two (+ steps)
+    assert o["soap"]["state_bytes_over_adamw"] > 1.5  # + the Kronecker factors and their eigenbases
+    for name in ("muon", "normuon", "polargrad"):  # momentum only on hidden matrices, AdamW on the rest
+        assert 0.5 < o[name]["state_bytes_over_adamw"] < 1.0
+
+
+def test_orthogonalization_flops_are_counted(tiny):
+    """The predicted ratio is 5 NS steps' matmul FLOPs over fwd+bwd FLOPs; for d x d matrices and T tokens
+    about 5 d / T (the issue's physics)."""
+    m = tiny["optimizers"]["muon"]
+    assert m["ortho"]["flops"] > 0 and 0 < m["ortho_flops_over_matmul_peak"] < 2
+    assert 0.01 < m["predicted_step_over_fwd_bwd"] < 0.5
