@@ -37,7 +37,8 @@ class AdamWSpec:
     eps: float = 1e-8
     weight_decay: float = 0.1  # decoupled: p <- p * (1 - lr * weight_decay)
     decay_groups: list[str] = field(default_factory=lambda: ["hidden", "embedding", "head"])
-    # torch implementation: None = torch's default (foreach), True = fused kernel (CUDA and CPU)
+    # torch implementation: None = torch's default (foreach on CUDA, a per-parameter loop on CPU), True = fused
+    # kernel (CUDA and CPU; measured 3.2x faster than the CPU default on cpu_small, results/perf)
     fused: bool | None = None
 
     def validate(self, key: str = "optimizer") -> None:
