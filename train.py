@@ -301,6 +301,8 @@ def train(run: Run) -> dict:
     atomic_write_json(run.run_dir / "summary.json", summary)
     if not t.ckpt_keep_final:
         checkpoint.remove_all(run.run_dir)  # the records are complete: model_final.pt is the run's weights
+    if run.lock is not None:
+        run.lock.release(remove=True)
     if wb is not None:
         wb.summary.update({k: v for k, v in summary.items() if v is not None})
         wb.finish()

@@ -6,6 +6,7 @@ causes) with a one-line message; nothing has been written to the run directory a
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import time
@@ -31,6 +32,7 @@ from optimizers.groups import ParamSplit, split_parameters
 from optimizers.hybrid import Hybrid
 
 RECORD_FILES = ("summary.json", "metrics.jsonl", "model_final.pt")
+LOCK_FILE = ".lock"
 
 
 class SetupError(RuntimeError):
@@ -58,6 +60,35 @@ class Run:
     workload_hash: str
     resume: tuple[Path, dict[str, Any]] | None = None  # (checkpoint file, its payload) when continuing a run
     dist: Dist = field(default_factory=Dist)  # rank, world size, collectives (harness/distributed.py)
+    lock: RunLock | None = None  # held by rank 0 while the run writes its directory
+
+
+class RunLock:
+    """An exclusive flock on RUN_DIR/.lock: two processes never write one run directory (a re-run of a
+    killed benchmark while an orphaned worker still trains the same run). The kernel drops the lock when
+    the process dies, so a crash leaves no stale lock. `release()` unlinks the file when this process made it."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.created = not self.path.exists()
+            self.file = open(self.path, "a")  # noqa: SIM115 - held open for the life of the run
+        except OSError as e:
+            raise SetupError(f"run directory {run_dir} is not writable ({e.strerror})") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise SetupError(f"run directory {run_dir} is in use by another process (it holds {self.path}); "
+                             "two processes never write one run: wait for it to finish or stop it") from None
+
+    def release(self, remove: bool = False) -> None:
+        if self.file.closed:
+            return
+        if remove or self.created:
+            self.path.unlink(missing_ok=True)
+        self.file.close()
 
 
 def to_typed(dcfg: DictConfig) -> Config:
@@ -133,6 +164,21 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
     if t.parallel == "fsdp" and world_size() > 1:
         check_fsdp(cfg, spec)  # before the process group forms: a refused rank must not leave others waiting
     device, dist = init(t.device, t.parallel)  # one process, or this rank of a torchrun / accelerate launch
+    lock = RunLock(run_dir) if dist.main else None
+    try:
+        result = _setup(dcfg, cfg, spec, run_dir, device, dist, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()  # refused: leave the directory as it was
+        raise
+    if isinstance(result, dict) and lock is not None:
+        lock.release()  # a complete run, skipped
+    return result
+
+
+def _setup(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: torch.device, dist: Dist,
+           lock: RunLock | None) -> Run | dict:
+    t = cfg.train
     done = complete_summary(run_dir) if t.skip_complete else None
     resume = None
     if done is None and t.resume and not (run_dir / "summary.json").exists():
@@ -145,6 +191,9 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
                 move_aside(run_dir, f"{e}")  # a benchmark survives a damaged checkpoint: rerun that run afresh
     if done is None:  # a complete run (skip_complete) is compared by workload below, never touched
         check_run_dir(run_dir, skip_complete=t.skip_complete, resuming=resume is not None, writer=dist.main)
+    if lock is not None and not lock.path.exists():  # the broken run was moved aside with its lock file
+        lock.release()
+        lock = RunLock(run_dir)
     dist.barrier()  # the other ranks go on once rank 0 has set up (or moved aside) the run directory
 
     data_dir = Path(cfg.data.dir) if Path(cfg.data.dir).is_absolute() else REPO / cfg.data.dir
@@ -181,7 +230,7 @@ def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
                precision=precision, compile=device.type == "cuda" if t.compile is None else t.compile,
                data=data, model=model, split=split, optimizer=optimizer, input_hooks=input_hooks, world_size=dist.world, grad_accum=grad_accum,
                tokens_per_step=tokens_per_step, eval_steps=workload["eval_steps"], workload=workload,
-               workload_hash=workload_hash(workload), resume=resume, dist=dist)
+               workload_hash=workload_hash(workload), resume=resume, dist=dist, lock=lock)
 
 
 def check_fsdp(cfg: Config, spec: Any) -> None:

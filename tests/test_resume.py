@@ -224,3 +224,24 @@ def test_killed_benchmark_rerun_completes_only_what_is_missing(kjv_dir, tmp_path
     steps = [r["step"] for r in read_jsonl(second / "metrics.jsonl") if "train_loss" in r]
     assert steps == list(range(1, 13))
     assert len(load_runs(out)) == 3
+
+
+def test_a_run_directory_in_use_is_refused(kjv_dir, tmp_path):
+    """A second process on a directory that a live run is writing (a killed benchmark's orphaned worker and
+    its re-run) is refused before any compute; the live run finishes unaffected and leaves no lock file."""
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(run_dir, "train.max_steps=60"), cwd=REPO, env=env(), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc = run(train_cmd(run_dir, "train.max_steps=60"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert f"run directory {run_dir} is in use by another process" in line
+    assert "run dir" not in proc.stdout
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 60
+    assert not (run_dir / ".lock").exists()
