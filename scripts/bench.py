@@ -190,6 +190,16 @@ def hydra_command(b: BenchConfig, out: Path, names: list[str]) -> list[str]:
     return cmd
 
 
+# Linux: the multirun gets SIGTERM when this driver dies, even by SIGKILL (prctl PR_SET_PDEATHSIG = 1, set in
+# the child and kept across its exec), so a killed benchmark leaves no run training on behind it.
+_PDEATHSIG = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+              "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def with_parent(cmd: list[str]) -> list[str]:
+    return [sys.executable, "-c", _PDEATHSIG, *cmd] if sys.platform.startswith("linux") else cmd
+
+
 def run_phase(b: BenchConfig, out: Path, phase: str, runs: list[dict[str, Any]], dry_run: bool) -> None:
     """Write the trial configs of the missing runs and launch them as one Hydra multirun, with a progress
     bar (runs done / total, ETA) fed by the records appearing on disk."""
@@ -214,7 +224,7 @@ def run_phase(b: BenchConfig, out: Path, phase: str, runs: list[dict[str, Any]],
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log, tqdm(total=len(todo), desc=phase, unit="run", dynamic_ncols=True,
                                         mininterval=2.0) as bar:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(with_parent(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         stop = threading.Event()
 
         def poll() -> None:

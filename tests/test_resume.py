@@ -3,6 +3,7 @@ command ends with metrics.jsonl bit-identical (CPU) to an uninterrupted run, for
 conf/optimizer/ (and the PC layer); damaged, foreign and incompatible checkpoints are refused in one line
 with nothing touched; a killed benchmark re-run completes only what is missing."""
 
+import fcntl
 import hashlib
 import json
 import math
@@ -201,14 +202,23 @@ def test_killed_benchmark_rerun_completes_only_what_is_missing(kjv_dir, tmp_path
     cmd = [sys.executable, "scripts/bench.py", str(path), "--out", str(out), "--no-report"]
     first = out / "runs" / "tune" / "adamw" / "optimizer.lr=0.003"
     second = out / "runs" / "tune" / "adamw" / "optimizer.lr=0.01"
-    bench = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    bench = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (second / "checkpoints" / "step_00000004.pt").exists():
         assert bench.poll() is None and time.monotonic() < deadline, bench.stderr.read()[-2000:]
         time.sleep(0.01)
-    os.killpg(bench.pid, signal.SIGKILL)  # the whole benchmark, mid-run of its second trial
+    bench.kill()  # SIGKILL to the driver alone, mid-run of its second trial
     bench.wait()
+    # its multirun dies with it (scripts/bench.py: PR_SET_PDEATHSIG): the run's lock is soon free
+    deadline = time.monotonic() + 30
+    while True:
+        with open(second / ".lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the multirun outlived the killed benchmark driver"
+        time.sleep(0.1)
     assert (first / "summary.json").is_file() and not (second / "summary.json").exists()
     stamp = (first / "summary.json").stat().st_mtime_ns
 
