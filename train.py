@@ -33,6 +33,7 @@ from harness import checkpoint
 from harness.checkpoint import CheckpointError
 from harness.config import ConfigError, register_configs
 from harness.device import autocast, matmul_rates, synchronize
+from harness.diagnostics import flat_for_wandb
 from harness.distributed import LaunchError, shutdown
 from harness.preflight import preflight
 from harness.records import (
@@ -147,22 +148,26 @@ def train(run: Run) -> dict:
     wb = init_wandb(run, run.resume[1].get("wandb_id") if run.resume else None) if main else None
     log = MetricsLog(run.run_dir / "metrics.jsonl", write=main)
 
-    def record(entry: dict) -> None:
+    def wb_log(values: dict, step: int) -> None:
         nonlocal wb
-        log.log(entry)
         if wb is not None:
             try:
-                wb.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+                wb.log(values, step=step)
             except Exception as e:  # noqa: BLE001 - a logging backend must never stop a run
                 print(f"warning: W&B logging failed ({e.__class__.__name__}: {' '.join(str(e).split())[:300]}); "
-                      f"local records only from step {entry['step']}", file=sys.stderr)
+                      f"local records only from step {step}", file=sys.stderr)
                 wb = None
+
+    def record(entry: dict) -> None:
+        log.log(entry)
+        wb_log({k: v for k, v in entry.items() if k != "step"}, entry["step"])
 
     evals, diverged, val = set(run.eval_steps), None, math.nan
     # The loop's own state, all of it in the checkpoint: training / optimizer clocks, the optimizer's matmul
     # FLOPs (counted at step 1; decompositions are not counted), the divergence watch (a training loss above
     # `blowup` = diverge_factor x the initial loss for diverge_patience consecutive steps ends the run).
-    loop = {"train_time": 0.0, "opt_time": 0.0, "opt_flops": 0, "blowup": math.inf, "over": 0}
+    loop = {"train_time": 0.0, "opt_time": 0.0, "opt_flops": 0, "blowup": math.inf, "over": 0, "diag_time": 0.0}
+    diag = run.diagnostics  # harness/diagnostics.py, rank 0 only; None when diagnostics.every = 0
     start = 1
     if run.resume is not None:
         ckpt_path, state = run.resume
@@ -172,6 +177,8 @@ def train(run: Run) -> dict:
         for line in state["metrics"]:  # metrics.jsonl back to the checkpoint's prefix: no step twice
             log.log(json.loads(line))
         log.flush()
+        if diag is not None:
+            diag.truncate(state["step"])  # likewise diagnostics.jsonl
         if main:
             print(f"resumed from {ckpt_path} at step {state['step']} ({len(resumes)} resume(s) so far)", flush=True)
     elif 0 in evals:
@@ -214,6 +221,12 @@ def train(run: Run) -> dict:
             # clip_grad_norm_ returns the pre-clip global norm; max_norm=inf only measures it
             grad_norm = full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or math.inf))
             synchronize(device)
+            if diag is not None and diag.due(step):  # snapshots and gradient noise, off the training clock
+                t_diag = time.perf_counter()
+                diag.before_step(step)
+                synchronize(device)
+                t0 += time.perf_counter() - t_diag
+                loop["diag_time"] += time.perf_counter() - t_diag
             t_opt = time.perf_counter()  # optimizer.step() alone, for the overhead ratio of protocol.md
             if step == 1:
                 with FlopCounterMode(display=False) as counter:
@@ -242,6 +255,10 @@ def train(run: Run) -> dict:
                 val = evaluate(run, fast)
                 record({"step": step, "val_loss": val, "tokens": tokens, "train_time_s": loop["train_time"]})
                 log.flush()
+            if diag is not None and diag.due(step):  # update geometry and curvature, off the training clock
+                t_diag = time.perf_counter()
+                wb_log(flat_for_wandb(diag.after_step(step, tokens)), step)
+                loop["diag_time"] += time.perf_counter() - t_diag
             if t.ckpt_every and step % t.ckpt_every == 0 and step < t.max_steps:
                 save_checkpoint(step)  # outside the training clock, like evaluation (protocol.md)
             if step == KILL_AT_STEP:
@@ -293,6 +310,8 @@ def train(run: Run) -> dict:
         "optimizer_target": run.resolved["optimizer"]["_target_"],
         "seed": cfg.seed, "data_seed": cfg.data.seed, "experiment": cfg.experiment,
         "resumes": resumes, "resumed_from_steps": [r["from_step"] for r in resumes],
+        # harness/diagnostics.py: seconds spent on diagnostics, outside train_time_s (0 when they are off)
+        "diagnostics_time_s": loop.get("diag_time", 0.0), "diagnostics_every": cfg.diagnostics.every,
     })
     if t.save_final:
         tmp = run.run_dir / ".model_final.pt.tmp"

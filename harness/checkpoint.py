@@ -35,7 +35,7 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 # Config keys that may differ between the interrupted launch and the resuming one: they change how the run
 # is watched or where it runs, never what it computes.
 RUNTIME_KEYS = ("train.progress", "train.threads", "train.skip_complete", "train.ckpt_every", "train.ckpt_keep",
-                "train.ckpt_keep_final", "train.resume", "train.save_final", "wandb")
+                "train.ckpt_keep_final", "train.resume", "train.save_final", "wandb", "diagnostics")
 
 
 class CheckpointError(ValueError):

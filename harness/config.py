@@ -22,6 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
+from harness.diagnostics import DiagnosticsConfig
 from harness.schedule import SCHEDULES
 from models.config import ModelConfig
 
@@ -98,7 +99,7 @@ class BenchTag:
 
     name: str | None = None  # the benchmark (conf/bench/<name>.yaml)
     arm: str | None = None  # the compared method: an optimizer plus method options (e.g. adamw_pc)
-    phase: str | None = None  # tune | seed
+    phase: str | None = None  # tune | seed | diag (the seed runs again, with diagnostics on)
     trial: str | None = None  # the setting's id within the arm's grid (e.g. "optimizer.lr=0.003")
 
 
@@ -111,6 +112,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     bench: BenchTag = field(default_factory=BenchTag)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # harness/diagnostics.py
     seed: int = 0  # model-initialisation seed; the data order has its own data.seed
     name: str = "run"  # free-form label, used in the default run directory
     experiment: str | None = None  # set by conf/experiment/*.yaml to its own name
@@ -206,6 +208,15 @@ def validate(cfg: Config) -> Any:
     _positive("train.ckpt_keep", t.ckpt_keep)
     if not t.diverge_factor > 1.0:
         raise ConfigError(f"train.diverge_factor: must be > 1 (got {t.diverge_factor})")
-    if cfg.bench.phase not in (None, "tune", "seed"):
-        raise ConfigError(f"bench.phase: {cfg.bench.phase!r} is not tune or seed")
+    d = cfg.diagnostics
+    try:
+        d.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if d.every and d.noise and t.global_batch_size == t.micro_batch_size * ws and t.micro_batch_size % d.noise_pieces:
+        raise ConfigError(f"diagnostics.noise_pieces: the step's single micro-batch of {t.micro_batch_size} sequences "
+                          f"cannot be cut into {d.noise_pieces} equal pieces for the gradient-noise estimate; pick a "
+                          "divisor (or diagnostics.noise=false)")
+    if cfg.bench.phase not in (None, "tune", "seed", "diag"):
+        raise ConfigError(f"bench.phase: {cfg.bench.phase!r} is not tune, seed or diag")
     return build_optimizer_spec(cfg.optimizer)

@@ -23,6 +23,7 @@ from harness import checkpoint
 from harness.checkpoint import CheckpointError
 from harness.config import Config, ConfigError, validate, world_size
 from harness.device import resolve_precision
+from harness.diagnostics import Diagnostics
 from harness.distributed import Dist, init
 from harness.hooks import InputHooks
 from harness.records import REPO, workload_hash
@@ -31,7 +32,7 @@ from models import ROLE_GROUP, build_model
 from optimizers.groups import ParamSplit, split_parameters
 from optimizers.hybrid import Hybrid
 
-RECORD_FILES = ("summary.json", "metrics.jsonl", "model_final.pt")
+RECORD_FILES = ("summary.json", "metrics.jsonl", "model_final.pt", "diagnostics.jsonl")
 LOCK_FILE = ".lock"
 
 
@@ -61,6 +62,7 @@ class Run:
     resume: tuple[Path, dict[str, Any]] | None = None  # (checkpoint file, its payload) when continuing a run
     dist: Dist = field(default_factory=Dist)  # rank, world size, collectives (harness/distributed.py)
     lock: RunLock | None = None  # held by rank 0 while the run writes its directory
+    diagnostics: Diagnostics | None = None  # diagnostics.every > 0, rank 0 only (harness/diagnostics.py)
 
 
 class RunLock:
@@ -226,11 +228,16 @@ def _setup(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: torc
     grad_accum = t.global_batch_size // (t.micro_batch_size * dist.world)
     tokens_per_step = t.global_batch_size * t.seq_len
     precision = resolve_precision(t.precision, device)
+    diagnostics = None
+    if cfg.diagnostics.every and dist.main:  # rank 0 probes its own replica (DDP); FSDP is refused above
+        diagnostics = Diagnostics(cfg.diagnostics, model, split, optimizer, data, t, grad_accum, device, precision,
+                                  run_dir / "diagnostics.jsonl", rank=dist.rank, world=dist.world)
     return Run(cfg=cfg, resolved=resolved, run_dir=run_dir, device=device,
                precision=precision, compile=device.type == "cuda" if t.compile is None else t.compile,
                data=data, model=model, split=split, optimizer=optimizer, input_hooks=input_hooks, world_size=dist.world, grad_accum=grad_accum,
                tokens_per_step=tokens_per_step, eval_steps=workload["eval_steps"], workload=workload,
-               workload_hash=workload_hash(workload), resume=resume, dist=dist, lock=lock)
+               workload_hash=workload_hash(workload), resume=resume, dist=dist, lock=lock,
+               diagnostics=diagnostics)
 
 
 def check_fsdp(cfg: Config, spec: Any) -> None:
@@ -242,6 +249,10 @@ def check_fsdp(cfg: Config, spec: Any) -> None:
     if cfg.model.pc_level:
         raise SetupError("model.pc_level: PC layers are not supported with train.parallel=fsdp (their power "
                          "iteration reads the whole weight between steps); use train.parallel=ddp")
+    if cfg.diagnostics.every:
+        raise SetupError("diagnostics.every: diagnostics read whole weights and run Hessian-vector products on one "
+                         "replica, which train.parallel=fsdp does not keep; set diagnostics.every=0 or use "
+                         "train.parallel=ddp")
     if cfg.train.ckpt_every:
         raise SetupError("train.ckpt_every: checkpoints of train.parallel=fsdp runs are not implemented; set "
                          "train.ckpt_every=0 (or use train.parallel=ddp)")

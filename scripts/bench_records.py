@@ -30,7 +30,7 @@ class RecordError(ValueError):
 class RunRecord:
     dir: Path
     arm: str
-    phase: str  # tune | seed
+    phase: str  # tune | seed | diag
     trial: str
     seed: int
     data_seed: int
@@ -88,13 +88,15 @@ def load_run(run_dir: Path, axes: list[str]) -> RunRecord | None:
         env=json.loads(env_path.read_text()) if env_path.is_file() else {})
 
 
-def load_runs(bench_dir: Path | str, check_workload: bool = True) -> list[RunRecord]:
-    """Every complete run of the benchmark, in (phase, arm, trial) order. Refuses (RecordError) when the runs
-    do not share one workload hash: results of different workloads are never compared."""
+def load_runs(bench_dir: Path | str, check_workload: bool = True,
+              phases: tuple[str, ...] = ("tune", "seed")) -> list[RunRecord]:
+    """Every complete run of the benchmark's phases (tune and seed: the statistics; diag: the diagnostics
+    re-runs), in (phase, arm, trial) order. Refuses (RecordError) when the runs do not share one workload hash:
+    results of different workloads are never compared."""
     bench_dir = Path(bench_dir)
     bench = read_bench(bench_dir)
     runs = []
-    for phase in ("tune", "seed"):
+    for phase in phases:
         for arm, decl in bench["arms"].items():
             root = bench_dir / "runs" / phase / arm
             for run_dir in sorted(p for p in root.glob("*") if p.is_dir() and ".broken-" not in p.name):

@@ -3,7 +3,8 @@ runs.csv and plots/*.png inside the benchmark directory. Definitions: /work/shar
 
     python scripts/report.py results/bench_tiny
 
-Statistics come from scripts/bench_stats.py, figures from scripts/report_plots.py, the Markdown/HTML from
+Statistics come from scripts/bench_stats.py, figures from scripts/report_plots.py, the diagnostics section
+(from the diagnostics.jsonl of the diag-phase re-runs, else the seed runs) from scripts/report_diagnostics.py, the Markdown/HTML from
 scripts/report_render.py. Nothing but those outputs is written. Exit code 2 (and no output) when the
 directory is not a benchmark, has no complete runs, or mixes workload hashes (results of different workloads
 are never compared).
@@ -38,6 +39,7 @@ from scripts.bench_stats import (
     step_overhead,
     value_str,
 )
+from scripts.report_diagnostics import diagnostics_blocks
 from scripts.report_plots import make_plots
 from scripts.report_render import to_html, to_markdown
 
@@ -286,11 +288,29 @@ def tuning_blocks(analysis: dict, runs: list[RunRecord]) -> list[tuple]:
                        "diverged", "chosen"], trials)]
 
 
+def reproduction_line(runs: list[RunRecord], diag_runs: list[RunRecord]) -> str | None:
+    """The diag phase re-runs the seed runs with diagnostics on; diagnostics never change training, so every
+    final loss must come out bit-identical. Says how many did (and names any that did not)."""
+    if not diag_runs:
+        return None
+    seed = {(r.arm, r.seed): r for r in runs if r.phase == "seed"}
+    pairs = [(d, seed.get((d.arm, d.seed))) for d in diag_runs]
+    same = [d for d, s in pairs if s is not None and d.summary.get("final_val_loss") == s.summary.get("final_val_loss")]
+    differ = [f"{d.arm}/{d.trial}" for d, s in pairs if s is not None and d not in same]
+    line = (f"The {len(diag_runs)} diag-phase runs (the seed runs again, with diagnostics on, untimed) reproduce "
+            f"the seed runs' final validation loss exactly in {len(same)} of {sum(s is not None for _, s in pairs)} "
+            "pairs (diagnostics must not change training).")
+    return line + (f" **Differ: {', '.join(differ)}.**" if differ else "")
+
+
 def report_blocks(bench: dict, analysis: dict, runs: list[RunRecord], plots: dict[str, Path],
-                  bench_dir: Path) -> list[tuple]:
+                  bench_dir: Path, diag_runs: list[RunRecord] | None = None) -> list[tuple]:
     """The whole report as blocks (scripts/report_render.py), the same for report.md and report.html."""
     blocks, env_notes = header_blocks(bench, analysis, runs)
     blocks += results_blocks(analysis) + tuning_blocks(analysis, runs)
+    diag = diagnostics_blocks(bench, runs + list(diag_runs or []), bench_dir / "plots", bench_dir)
+    line = reproduction_line(runs, list(diag_runs or []))
+    blocks += diag[:1] + ([("p", line)] if line else []) + diag[1:]
     blocks += [("h2", "Caveats"), ("ul", caveats(bench, analysis) + env_notes or ["None."]),
                ("h2", "Figures")]
     blocks += [("img", str(path.relative_to(bench_dir)), name.replace("_", " "), path)
@@ -337,11 +357,16 @@ def build_report(bench_dir: Path | str) -> dict[str, Path]:
     runs = load_runs(bench_dir)  # refuses mixed workload hashes
     if not runs:
         raise RecordError(f"{bench_dir}: no complete runs (no summary.json below runs/); nothing to report")
+    diag_runs = load_runs(bench_dir, phases=("diag",))  # untimed re-runs with diagnostics: never in the statistics
+    if diag_runs and {r.workload_hash for r in diag_runs} != {runs[0].workload_hash}:
+        raise RecordError(f"{bench_dir}: the diag-phase runs are of another workload than the tune/seed runs; "
+                          "results of different workloads are never compared")
     analysis = analyze(bench, runs)
     plots = make_plots(bench, analysis, runs, bench_dir / "plots")
-    blocks = report_blocks(bench, analysis, runs, plots, bench_dir)
+    blocks = report_blocks(bench, analysis, runs, plots, bench_dir, diag_runs)
     out = {"md": bench_dir / "report.md", "html": bench_dir / "report.html", "csv": bench_dir / "runs.csv",
-           **{f"plot_{k}": v for k, v in plots.items()}}
+           **{f"plot_{k}": v for k, v in plots.items()},
+           **{f"plot_{Path(b[3]).stem}": b[3] for b in blocks if b[0] == "img"}}  # + the diagnostics figures
     atomic_write_text(out["md"], to_markdown(blocks))
     atomic_write_text(out["html"], to_html(blocks, f"Benchmark report: {bench['name']}"))
     atomic_write_text(out["csv"], runs_csv(bench, runs, analysis["target"]["loss"]))

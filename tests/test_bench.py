@@ -43,6 +43,9 @@ def write(tmp_path, d, name="bench.yaml"):
     ({"launcher": "mpi"}, "bench.launcher: 'mpi' is not one of basic, joblib, slurm"),
     ({"reference": "sgd"}, "the reference arm 'sgd' is not declared"),
     ({"trails": 2}, "bench.trails: Key 'trails' not in 'BenchConfig'"),
+    ({"diagnostics": {"every": 0}}, "bench.diagnostics.every: must be > 0 for a diag phase"),
+    ({"diagnostics": {"every": 5, "evry": 3}}, "bench.diagnostics.evry: Key 'evry' not in 'DiagnosticsConfig'"),
+    ({"diagnostics": {"every": 5, "blocks": "rows"}}, "bench.diagnostics: diagnostics.blocks: 'rows' is not group"),
 ])
 def test_bad_declarations_fail_before_any_run(tmp_path, changes, message):
     with pytest.raises(BenchError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -111,11 +114,15 @@ def bench_cli(path, out, *args):
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
+DIAG = {"every": 4, "power_iters": 3, "trace_samples": 2, "block_samples": 1}
+
+
 def test_benchmark_runs_chooses_reruns_only_missing_and_refuses_other_workloads(kjv_dir, tmp_path):
-    path, out = write(tmp_path, declaration()), tmp_path / "bench_t"
+    path, out = write(tmp_path, declaration(diagnostics=DIAG)), tmp_path / "bench_t"
     proc = bench_cli(path, out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tune: 4 runs, 0 complete, 4 to run" in proc.stdout and "seed: 2 runs, 0 complete, 2 to run" in proc.stdout
+    assert "diag: 2 runs, 0 complete, 2 to run" in proc.stdout
 
     runs = load_runs(out)
     assert sorted((r.phase, r.arm, r.trial) for r in runs) == [
@@ -149,11 +156,32 @@ def test_benchmark_runs_chooses_reruns_only_missing_and_refuses_other_workloads(
     local = json.loads((out / "runs/tune/muon/optimizer.lr=0.06/summary.json").read_text())
     assert summary["final_val_loss"] == local["final_val_loss"] and summary["steps"] == 8
 
+    # the diag phase: the seed runs again with diagnostics, outside the statistics, with the same losses;
+    # their diagnostics reach W&B as diag/... history keys equal to diagnostics.jsonl
+    diag = load_runs(out, phases=("diag",))
+    assert sorted((r.arm, r.trial) for r in diag) == [("adamw", "s1"), ("muon", "s1")]
+    seed = {r.arm: r for r in runs if r.phase == "seed"}
+    assert all(d.summary["final_val_loss"] == seed[d.arm].summary["final_val_loss"] for d in diag)
+    assert all(seed[d.arm].summary["diagnostics_every"] == 0 and d.summary["diagnostics_every"] == 4 for d in diag)
+    lines = [json.loads(x) for x in (out / "runs/diag/muon/s1/diagnostics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [4, 8]
+    rec = wandb_records(out / "runs" / "diag" / "muon" / "s1")
+    history = [{key(i): json.loads(i.value_json) for i in r.history.item} for r in rec
+               if r.WhichOneof("record_type") == "history"]
+    logged = [h["diag/hessian/lambda_max"] for h in history if "diag/hessian/lambda_max" in h]
+    assert logged == [x["hessian"]["lambda_max"] for x in lines]
+    assert any("diag/roles/attn_q/update_stable_rank" in h for h in history)
+    from scripts.report import build_report
+
+    report = build_report(out)["md"].read_text()
+    assert "reproduce the seed runs' final validation loss exactly in 2 of 2 pairs" in report
+    assert "## Diagnostics: why an optimizer wins" in report and (out / "plots/diagnostics_trajectories.png").is_file()
+
     # a re-run runs nothing and touches nothing
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
     proc = bench_cli(path, out)
     assert proc.returncode == 0 and "tune: 4 runs, 4 complete, 0 to run" in proc.stdout
-    assert "seed: 2 runs, 2 complete, 0 to run" in proc.stdout
+    assert "seed: 2 runs, 2 complete, 0 to run" in proc.stdout and "diag: 2 runs, 2 complete, 0 to run" in proc.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("summary.json") if ".broken-" not in str(p)}
 
     # a broken run (killed before its summary) is moved aside, kept, and rerun; nothing else runs
