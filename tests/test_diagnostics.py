@@ -418,8 +418,9 @@ def test_diagnostics_survive_a_resume(kjv_dir, tmp_path):
     assert procs[0].returncode == 0, err0[-3000:]
     assert procs[1].returncode == -signal.SIGKILL, err1[-3000:]
     assert [r["step"] for r in read_jsonl(cut / "diagnostics.jsonl")] == [4]
-    proc = run_train(cut, *args)
-    assert "resumed from" in proc.stdout
+    relaunch = launch(cut, args)  # the same command (and thread count: 1) again
+    out, err = relaunch.communicate(timeout=600)
+    assert relaunch.returncode == 0 and "resumed from" in out, err[-3000:]
     same_training(ref, cut)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "cost_s"} for r in rows]
     a, b = strip(read_jsonl(ref / "diagnostics.jsonl")), strip(read_jsonl(cut / "diagnostics.jsonl"))

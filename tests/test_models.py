@@ -182,3 +182,37 @@ def test_export_names_the_missing_file(tmp_path):
                           check=False, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"{tmp_path / 'model_final.pt'} not found" in proc.stderr
+
+
+def test_fused_cross_entropy_equals_torch():
+    """models.base.CrossEntropy (the CPU training loss): the loss, the gradient, gradcheck and gradgradcheck
+    in float64, and Hessian-vector products (double backward, as the diagnostics take them) equal
+    F.cross_entropy's."""
+    import torch.nn.functional as F
+
+    from models.base import CrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    z = (3 * torch.randn(64, 50, generator=g)).requires_grad_(True)
+    y = torch.randint(0, 50, (64,), generator=g)
+    ours, ref = CrossEntropy.apply(z, y), F.cross_entropy(z, y)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    (g1,), (g2,) = torch.autograd.grad(ours, z), torch.autograd.grad(ref, z)
+    assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-9)
+    z64 = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    y64 = torch.randint(0, 5, (6,), generator=g)
+    assert torch.autograd.gradcheck(lambda t: CrossEntropy.apply(t, y64), (z64,))
+    assert torch.autograd.gradgradcheck(lambda t: CrossEntropy.apply(t, y64), (z64,))
+    v = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    hv = []
+    for f in (CrossEntropy.apply, F.cross_entropy):
+        (grad,) = torch.autograd.grad(f(z64, y64), z64, create_graph=True)
+        hv.append(torch.autograd.grad(grad, z64, grad_outputs=v)[0])
+    assert torch.allclose(hv[0], hv[1], rtol=1e-10, atol=1e-12)
+    model = build_model(ModelConfig(family="gpt2", n_layer=1, n_head=2, d_model=8, vocab_size=16, block_size=8))
+    idx = torch.randint(0, 16, (2, 8), generator=g)
+    _, loss = model(idx, idx)
+    assert type(loss.grad_fn).__name__ == "CrossEntropyBackward"  # the fused path is the one CPU training takes
+    with torch.no_grad():
+        _, plain = model(idx, idx)
+    assert plain.item() == pytest.approx(loss.item(), rel=1e-6)
