@@ -27,8 +27,13 @@ OPTIMIZERS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml")
 # Short intervals so that every optimizer's periodic machinery (Newton-Muon's statistics and K^-1, SOAP's
 # eigenbases) runs both before and after the checkpoint the run resumes from.
 EXTRA = {"newton_muon": ["optimizer.refresh_every=3"], "soap": ["optimizer.precondition_frequency=3"]}
-CASES = [(o, ["model=llama_tiny", *EXTRA.get(o, [])]) for o in OPTIMIZERS] + [
+# Lion (one moment) and NorMuon (Muon + one second-moment vector per row) add no state kinds the other cases
+# lack: slow-marked to keep the default suite short (`make test-all` runs them).
+SLOW = {"lion", "normuon"}
+BASE = [(o, ["model=llama_tiny", *EXTRA.get(o, [])]) for o in OPTIMIZERS] + [
     ("adamw", ["model=gpt2_tiny", "model.pc_level=2"])]  # PC layer: power-iteration vectors in the checkpoint
+CASES = [pytest.param(o, x, id=f"{o}{'+pc' if 'model.pc_level=2' in x else ''}",
+                      marks=[pytest.mark.slow] if o in SLOW else []) for o, x in BASE]
 KILL_AT, CKPT_EVERY = 7, 3  # killed after step 7; the newest checkpoint is step 6's (steps 7.. are redone)
 
 
@@ -55,8 +60,7 @@ def digest(folder):
             if p.is_file()}
 
 
-@pytest.mark.parametrize("optimizer, overrides", CASES, ids=[f"{o}{'+pc' if 'model.pc_level=2' in x else ''}"
-                                                             for o, x in CASES])
+@pytest.mark.parametrize("optimizer, overrides", CASES)
 def test_sigkill_and_relaunch_is_bit_identical(kjv_dir, tmp_path, optimizer, overrides):
     args = [f"optimizer={optimizer}", *overrides]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
