@@ -24,7 +24,7 @@ $(DATA): $(STAMP)
 
 data: $(DATA)  ## prepare the embedded KJV corpus (tokenizer + shards, offline, cached)
 
-bench: $(DATA)  ## the default benchmark: 9 methods x (3 trials + 2 seeds) on GPT-2 micro, then the report (~7 min)
+bench: $(DATA)  ## the default benchmark: 9 methods x (3 trials + 2 seeds) + diag re-runs on GPT-2 micro, then the report (~12 min)
 	$(PY) scripts/bench.py tiny $(ARGS)
 
 bench-hour: $(DATA)  ## the larger CPU benchmark: 9 methods x (5 trials + 3 seeds) on GPT-2 tiny (~1 h)
