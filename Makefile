@@ -30,7 +30,7 @@ bench: $(DATA)  ## the default benchmark: 9 methods x (3 trials + 2 seeds) + dia
 bench-hour: $(DATA)  ## the larger CPU benchmark: 9 methods x (5 trials + 3 seeds) on GPT-2 tiny (~1 h)
 	$(PY) scripts/bench.py cpu_hour $(ARGS)
 
-perf: $(DATA)  ## step-cost benchmark on the CPU-small preset (~1.5 min): results/perf/cpu_small.{json,md}
+perf: $(DATA)  ## step-cost benchmark on the CPU-small preset (~4 min): results/perf/cpu_small.{json,md}
 	$(PY) scripts/perf.py cpu_small $(ARGS)
 
 ddp: $(DATA)  ## train.py on NPROC (2) processes via torchrun (gloo on CPU, nccl on GPUs); ARGS must set hydra.run.dir
