@@ -45,6 +45,7 @@ def torchrun(n):
 
 
 EXTRA = {"newton_muon": ["optimizer.refresh_every=3"], "adamw+pc": ["model.pc_level=2"]}
+DIAG = ["diagnostics.every=4", "diagnostics.power_iters=4", "diagnostics.trace_samples=2", "diagnostics.block_samples=1"]
 
 
 @pytest.mark.parametrize("optimizer, launcher", [
@@ -56,8 +57,11 @@ def test_two_processes_give_the_one_process_losses(kjv_dir, tmp_path, optimizer,
     start = (torchrun(2) if launcher == "torchrun" else
              [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
+    # Muon's 2-process run also records diagnostics (rank 0, its own replica): its losses must still equal the
+    # 1-process run's exactly, so DDP's hooks and collectives are untouched by the probes' extra autograd
+    diag = [*DIAG] if optimizer == "muon" else []
     procs = [launch([sys.executable, "train.py", *args, f"hydra.run.dir={one}"]),
-             launch([*start, "train.py", *args, f"hydra.run.dir={two}"])]
+             launch([*start, "train.py", *args, *diag, f"hydra.run.dir={two}"])]
     finish(procs[0])
     out, _ = finish(procs[1])
     assert out.count("run dir") == 1 and out.count("done:") == 1  # rank 0 alone prints and writes
@@ -74,6 +78,11 @@ def test_two_processes_give_the_one_process_losses(kjv_dir, tmp_path, optimizer,
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=RTOL)
     assert s2["workload_hash"] == s1["workload_hash"]  # the global batch is the workload's, not the launch's
     assert s2["final_val_loss"] < math.log(4096) - 0.5
+    if diag:
+        strip = [{k: v for k, v in r.items() if k != "train_time_s"} for r in a]
+        assert strip == [{k: v for k, v in r.items() if k != "train_time_s"} for r in b]  # bit-identical
+        lines = read_jsonl(two / "diagnostics.jsonl")
+        assert [r["step"] for r in lines] == [4, 8, 12] and all(r["noise"]["pieces"] == 4 for r in lines)
 
 
 def test_two_process_run_killed_and_relaunched_gives_the_one_process_losses(kjv_dir, tmp_path):
