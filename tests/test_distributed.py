@@ -194,6 +194,7 @@ FSDP = ["hydra.run.dir={d}", "train.parallel=fsdp", "train.ckpt_every=0"]
     (2, [*FSDP, "optimizer=adam_mini"], "error: optimizer: AdamMini does not run on FSDP-sharded parameters"),
     (2, [*FSDP, "model.pc_level=2"], "error: model.pc_level: PC layers are not supported with train.parallel=fsdp"),
     (2, [*FSDP[:2]], "error: train.ckpt_every: checkpoints of train.parallel=fsdp runs are not implemented"),
+    (2, [*FSDP, "diagnostics.every=4"], "error: diagnostics.every: diagnostics read whole weights"),
 ])
 def test_multi_process_config_errors(tmp_path, world, extra, message):
     """Checked before the process group forms (WORLD_SIZE as a launcher sets it), so no rank waits."""
