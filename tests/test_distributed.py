@@ -36,6 +36,9 @@ def launch(cmd, **extra):
 
 def finish(proc):
     out, err = proc.communicate(timeout=600)
+    if proc.returncode != 0:  # pytest shows these in full under the failure (its assertion message is cut short)
+        print(out)
+        print(err, file=sys.stderr)
     assert proc.returncode == 0, (out[-2000:], err[-3000:])
     return out, err
 
