@@ -39,6 +39,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.records import _finite_or_none, atomic_write_text
+from models.base import differentiable_loss
 
 UPDATE_KEYS = ("update_rms", "update_rms_per_lr", "update_to_weight", "cos_update_grad", "update_top_sv",
                "update_stable_rank", "update_eff_rank", "update_nuc_over_fro", "weight_spectral_norm",
@@ -415,12 +416,13 @@ class Diagnostics:
 
     @contextlib.contextmanager
     def _probe_mode(self):
-        """Eval mode, fp32 with autocast off, the math attention kernel (the fused CPU / flash kernels have
-        no double backward); the mode is restored after."""
+        """Eval mode, fp32 with autocast off, the math attention kernel and the unfused LM head + loss (the
+        fused CPU / flash attention kernels and the fused head have no double backward); restored after."""
         was_training = self.model.training
         self.model.eval()
         try:
-            with sdpa_kernel(SDPBackend.MATH), torch.autocast(self.device.type, enabled=False):
+            with sdpa_kernel(SDPBackend.MATH), torch.autocast(self.device.type, enabled=False), \
+                    differentiable_loss():
                 yield
         finally:
             self.model.train(was_training)

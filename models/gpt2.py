@@ -80,5 +80,4 @@ class GPT2(CausalLM):
         for block in self.transformer.h:
             x = block(x)
         # The head reuses the embedding matrix (weight tying, Press & Wolf 2017): (B, T, C) -> (B, T, V).
-        logits = F.linear(self.transformer.ln_f(x), self.transformer.wte.weight)
-        return logits, self.loss(logits, targets)
+        return self.head_and_loss(self.transformer.ln_f(x), self.transformer.wte.weight, targets)

@@ -119,5 +119,4 @@ class Llama(CausalLM):
                                                           idx.device))
         for block in self.model.layers:
             x = block(x, cos, sin)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        return logits, self.loss(logits, targets)
+        return self.head_and_loss(self.model.norm(x), self.lm_head.weight, targets)  # logits (B, T, V)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models import ROLE_GROUP, ROLES, ModelConfig, build_model
+from models.base import differentiable_loss
 from models.hf import from_hf, to_hf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,8 +212,52 @@ def test_fused_cross_entropy_equals_torch():
     assert torch.allclose(hv[0], hv[1], rtol=1e-10, atol=1e-12)
     model = build_model(ModelConfig(family="gpt2", n_layer=1, n_head=2, d_model=8, vocab_size=16, block_size=8))
     idx = torch.randint(0, 16, (2, 8), generator=g)
-    _, loss = model(idx, idx)
-    assert type(loss.grad_fn).__name__ == "CrossEntropyBackward"  # the fused path is the one CPU training takes
+    with differentiable_loss():  # the loss the diagnostics' Hessian-vector products take
+        _, loss = model(idx, idx)
+    assert type(loss.grad_fn).__name__ == "CrossEntropyBackward"
     with torch.no_grad():
         _, plain = model(idx, idx)
     assert plain.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_fused_head_and_loss_equal_the_plain_ones():
+    """models.base.LinearCrossEntropy (the CPU training head + loss, chunked over tokens, gradients computed
+    in the forward): loss and gradients of x and W equal F.linear + F.cross_entropy's over several chunks
+    (1,300 tokens x 4,096 words: chunks of 512), a frozen W gets none, double backward refuses loudly."""
+    import torch.nn.functional as F
+
+    from models.base import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1300, 32, generator=g, requires_grad=True)
+    W = (0.3 * torch.randn(4096, 32, generator=g)).requires_grad_(True)
+    y = torch.randint(0, 4096, (1300,), generator=g)
+    ours, ref = LinearCrossEntropy.apply(x, W, y), F.cross_entropy(F.linear(x, W), y)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert ref.item() > 5  # not a degenerate comparison (log 4096 = 8.3)
+    for a, b in zip(torch.autograd.grad(ours, (x, W)), torch.autograd.grad(ref, (x, W))):
+        assert b.abs().max() > 1e-4
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    frozen = W.detach()
+    (gx,) = torch.autograd.grad(LinearCrossEntropy.apply(x, frozen, y), (x,))
+    torch.testing.assert_close(gx, torch.autograd.grad(F.cross_entropy(F.linear(x, frozen), y), x)[0],
+                               rtol=1e-5, atol=1e-8)
+    with pytest.raises(RuntimeError, match="differentiable_loss"):
+        torch.autograd.grad(LinearCrossEntropy.apply(x, W, y), x, create_graph=True)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_training_loss_takes_the_fused_head(name):
+    # CPU training (fp32, gradients on) runs the fused head; its parameter gradients (GPT-2: the tied
+    # embedding gets the head's and the lookup's) equal those of the plain head under differentiable_loss()
+    model = random_model(TINY[name])
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(4))
+    logits, loss = model(idx[:, :-1], idx[:, 1:])
+    assert logits is None and type(loss.grad_fn).__name__ == "LinearCrossEntropyBackward"
+    fused = torch.autograd.grad(loss, list(model.parameters()))
+    with differentiable_loss():
+        logits, plain = model(idx[:, :-1], idx[:, 1:])
+    assert logits.shape == (2, 32, model.cfg.vocab_size)
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
+    for (n, _), a, b in zip(model.named_parameters(), fused, torch.autograd.grad(plain, list(model.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=n)
