@@ -17,8 +17,10 @@ refused with the commands that do start N (see `requested_processes`), never rec
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,11 +93,30 @@ class Dist:
 
 
 def shutdown() -> None:
-    """Leave the process group in step: a barrier, then destroy it. Exiting with a live gloo group can abort
-    a rank at interpreter exit ("terminate called without an active exception", seen here under load)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group in step (a barrier, then destroy it), then end a multi-process rank at once.
+
+    Exiting with a live gloo group can abort a rank at interpreter exit ("terminate called without an active
+    exception"), and so, rarely, can exiting after destroying it: gloo's worker threads may still be torn down
+    during interpreter finalization (pytorch/pytorch#190489, #179291). Seen here in two of the last three
+    full test-suite runs (one two-process launch each, under load), turning a finished run into a SIGABRT. So a rank that ran a process group flushes its
+    streams and logs and leaves by os._exit(0), skipping finalization; by then its records are written and
+    closed. Single-process runs return normally."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    exit_now()
+
+
+def exit_now(code: int = 0) -> None:
+    """Flush stdout, stderr and logging, then os._exit(code): no interpreter finalization."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def requested_processes(pid: int | None = None) -> int | None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import REPO, read_jsonl
 
+from harness.distributed import shutdown
 from optimizers import ortho
 from optimizers.muon import Muon
 from optimizers.newton_muon import NewtonMuon
@@ -152,8 +153,7 @@ def _worker(rank, world, store, name, out):
     torch.set_num_threads(1)
     params, work, K = _step(name, _params(), rank, world)
     torch.save({"params": params, "work": work, "K": K}, f"{out}.{rank}")
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()  # barrier, destroy, os._exit(0): no gloo teardown during interpreter exit (it can abort)
 
 
 @pytest.mark.parametrize("name", ["muon", "normuon", "polargrad", "newton_muon"])
