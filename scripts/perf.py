@@ -136,7 +136,7 @@ def state_bytes(opt) -> int:
 
 def ortho_cost(s: Setup, repeats: int) -> dict[str, float]:
     """The orthogonalization alone on the optimizer's real hidden-matrix shapes (momentum-like inputs):
-    matmul FLOPs (FlopCounterMode; QR / Cholesky of QDWH not counted) and the median time."""
+    matmul FLOPs (FlopCounterMode; QDWH's Cholesky factorizations and inverses not counted) and the median time."""
     group = next(g for g in s.opt.param_groups if "backend" in g)
     # QDWH and SVD run in fp32 whatever the dtype setting (torch has no bf16 QR / Cholesky / SVD)
     dtype = (ortho.compute_dtype(s.device, group["dtype"]) if group["backend"] in ("ns", "polar_express")
