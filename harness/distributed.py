@@ -98,9 +98,9 @@ def shutdown() -> None:
     Exiting with a live gloo group can abort a rank at interpreter exit ("terminate called without an active
     exception"), and so, rarely, can exiting after destroying it: gloo's worker threads may still be torn down
     during interpreter finalization (pytorch/pytorch#190489, #179291). Seen here in two of the last three
-    full test-suite runs (one two-process launch each, under load), turning a finished run into a SIGABRT. So a rank that ran a process group flushes its
-    streams and logs and leaves by os._exit(0), skipping finalization; by then its records are written and
-    closed. Single-process runs return normally."""
+    full test-suite runs (one two-process launch each, under load), turning a finished run into a SIGABRT.
+    So a rank that ran a process group flushes its streams and logs and leaves by os._exit(0), skipping
+    finalization; by then its records are written and closed. Single-process runs return normally."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     dist.barrier()
