@@ -223,7 +223,7 @@ def test_fused_cross_entropy_equals_torch():
 def test_fused_head_and_loss_equal_the_plain_ones():
     """models.base.LinearCrossEntropy (the CPU training head + loss, chunked over tokens, gradients computed
     in the forward): loss and gradients of x and W equal F.linear + F.cross_entropy's over several chunks
-    (1,300 tokens x 4,096 words: chunks of 512), a frozen W gets none, double backward refuses loudly."""
+    (1,300 tokens x 4,096 words: chunks of 512, 512 and 276), a frozen W gets none, double backward refuses loudly."""
     import torch.nn.functional as F
 
     from models.base import LinearCrossEntropy
