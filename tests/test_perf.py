@@ -8,8 +8,11 @@ import pytest
 from scripts import perf
 
 # step / fwd+bwd measured on cpu_tiny (2-core AMD EPYC, 2 threads, 2026-11-25): adamw 0.057, muon 0.125,
-# normuon 0.128, polargrad 0.448, newton_muon 0.121, adam_mini 0.053, soap 0.098, lion 0.016
-BOUND = {"adamw": 0.2, "muon": 0.4, "normuon": 0.4, "polargrad": 1.5, "newton_muon": 0.4, "adam_mini": 0.2,
+# normuon 0.128, polargrad 0.448, newton_muon 0.121, adam_mini 0.053, soap 0.098, lion 0.016. After the fused
+# LM head and the QDWH rework (two runs, same day): adamw 0.050-0.063, muon 0.13-0.18, normuon 0.14-0.18,
+# polargrad 0.21-0.24, newton_muon 0.13-0.16, adam_mini 0.07-0.08, soap 0.11-0.12, lion 0.019-0.022; the
+# PolarGrad bound follows its new cost down (1.5 -> 0.7), the others keep theirs
+BOUND = {"adamw": 0.2, "muon": 0.4, "normuon": 0.4, "polargrad": 0.7, "newton_muon": 0.4, "adam_mini": 0.2,
          "soap": 0.3, "lion": 0.1}
 
 
