@@ -83,6 +83,9 @@ class Setup:
             g["peak_lr"] = g["lr"]
         self.hooks = InputHooks.attach(self.model, self.opt, self.split.params("hidden"))
         self.device, self.precision = device, resolve_precision(t.precision, device)
+        # train.py's choice: torch.compile on CUDA unless train.compile says otherwise (eager on CPU)
+        self.compiled = device.type == "cuda" if t.compile is None else t.compile
+        self.fast = torch.compile(self.model) if self.compiled else self.model
         self.accum = t.global_batch_size // t.micro_batch_size
         gen = torch.Generator().manual_seed(1)
         self.batches = [torch.randint(0, self.cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1),
@@ -91,7 +94,7 @@ class Setup:
         self.steps = 0
 
     def fwd_bwd(self, model=None) -> None:
-        model = model or self.model
+        model = model or self.fast
         for b in self.batches:
             with autocast(self.device, self.precision):
                 _, loss = model(b[:, :-1], b[:, 1:])
@@ -184,14 +187,18 @@ def measure_optimizers(preset: str, optimizers: list[str], device: torch.device,
     items = {"fwd_bwd": lambda: (base.model.zero_grad(set_to_none=True), base.fwd_bwd())}
     items.update({name: s.step for name, s in setups.items()})
     t = rounds(items, repeats, device)
-    out = {"fwd_bwd_s": t["fwd_bwd"], "tokens": base.tokens,
+    out = {"fwd_bwd_s": t["fwd_bwd"], "tokens": base.tokens, "compiled": base.compiled, "precision": base.precision,
            "fwd_bwd_flops": base.tokens * base.model.flops_per_token(base.cfg.train.seq_len), "optimizers": {}}
+    out.update(mfu(out["fwd_bwd_flops"], t["fwd_bwd"], base.precision, device))
     adamw = t.get("adamw")
     bytes_adamw = state_bytes(setups["adamw"].opt) if "adamw" in setups else None
     for name, s in setups.items():
         r = {"step_s": t[name], "step_over_fwd_bwd": t[name] / t["fwd_bwd"],
              "step_over_adamw": t[name] / adamw if adamw else None, "state_bytes": state_bytes(s.opt),
-             "state_bytes_over_adamw": state_bytes(s.opt) / bytes_adamw if bytes_adamw else None}
+             "state_bytes_over_adamw": state_bytes(s.opt) / bytes_adamw if bytes_adamw else None,
+             # a training step with this optimizer over one with AdamW (the published Muon figure: ~1.025
+             # at GPT-2 124M on an H100), from the same forward+backward and the two steps
+             "train_step_over_adamw": (t["fwd_bwd"] + t[name]) / (t["fwd_bwd"] + adamw) if adamw else None}
         if name in MATRIX:
             # The orthogonalization's matmul FLOP rate against (1) the machine's measured fp32 matmul rate
             # (512², the issue's yardstick), (2) the rate of its own dtype (bf16 where it runs in bf16), and
@@ -210,6 +217,24 @@ def measure_optimizers(preset: str, optimizers: list[str], device: torch.device,
                      predicted_step_over_fwd_bwd=c["flops"] / out["fwd_bwd_flops"])
         out["optimizers"][name] = r
     return out
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity), for MFU on a GPU.
+DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.5, "H100": 989.4, "A100": 312.0}
+
+
+def mfu(flops: float, seconds: float, precision: str, device: torch.device) -> dict:
+    """Model FLOPs utilisation of forward+backward: against this device's measured dense-matmul rate in the
+    run's precision (512^2 matmuls on a CPU, as train.py; 4096^2 on a GPU, where 512^2 is far from its peak),
+    and on a known GPU against its datasheet bf16 peak (None elsewhere)."""
+    n = 4096 if device.type == "cuda" else 512
+    rate = matmul_rates(str(device), n)["bfloat16" if precision == "bf16" else "float32"] * 1e9
+    achieved = flops / seconds
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
+    return {"model_tflops": achieved / 1e12, "mfu_vs_measured_matmul": achieved / rate,
+            "mfu_vs_datasheet_bf16": achieved / (peak * 1e12) if peak and precision == "bf16" else None,
+            "device_name": name or None}
 
 
 def newton_refresh(preset: str, device: torch.device, repeats: int) -> dict:
@@ -269,13 +294,14 @@ def references(preset: str, device: torch.device, repeats: int) -> dict:
 
     hf = AutoModelForCausalLM.from_config(hf_config(ours.cfg.model)).to(device)
     hf.train()
+    hf_fast = torch.compile(hf) if ours.compiled else hf  # compiled where ours is: the same configuration
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     b = ours.batches
 
     def hf_step():
         for x in b:
             with autocast(device, ours.precision):
-                loss = hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # labels shift inside: same T-1 targets
+                loss = hf_fast(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # labels shift inside: T-1 targets
             (loss / len(b)).backward()
         hf_opt.step()
         hf_opt.zero_grad(set_to_none=True)
@@ -365,18 +391,25 @@ def harness_overhead(preset: str, device: torch.device, steps: int, launches: in
 def table(res: dict) -> str:
     o = res["optimizers"]
     lines = [f"# Step cost: preset {res['preset']} ({res['device']}, {res['threads']} threads, {res['date']})", "",
-             (f"forward+backward: {res['fwd_bwd_s'] * 1e3:.1f} ms for {res['tokens']:,} tokens; "
-             f"ours vs transformers: {res['tokens_per_s_over_transformers']:.2f}x tokens/s; harness overhead "
-             f"{res['harness_overhead']:+.1%}"), "",
-             ("| optimizer | step (ms) | step / fwd+bwd | step / AdamW | state / AdamW | ortho rate / fp32 matmul rate "
-              "(/ own dtype's, / same-shape matmuls) | predicted step / fwd+bwd |"), "|---|---|---|---|---|---|---|"]
+             (f"forward+backward: {res['fwd_bwd_s'] * 1e3:.1f} ms for {res['tokens']:,} tokens "
+              f"({res['precision']}, {'compiled' if res['compiled'] else 'eager'}; {res['model_tflops']:.3g} "
+              f"TFLOP/s, MFU {res['mfu_vs_measured_matmul']:.0%} of the measured matmul rate"
+              + (f", {res['mfu_vs_datasheet_bf16']:.0%} of the {res['device_name']} datasheet bf16 peak"
+                 if res.get("mfu_vs_datasheet_bf16") else "") + "); "
+              f"ours vs transformers: {res['tokens_per_s_over_transformers']:.2f}x tokens/s; harness overhead "
+              + (f"{res['harness_overhead']:+.1%}" if "harness_overhead" in res else "not measured (CPU only)")),
+             "",
+             ("| optimizer | step (ms) | step / fwd+bwd | step / AdamW | training step / AdamW's | state / AdamW "
+              "| ortho rate / fp32 matmul rate (/ own dtype's, / same-shape matmuls) | predicted step / fwd+bwd |"),
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in o.items():
         ortho_rate = (f"{r['ortho_flops_over_matmul_peak']:.0%} ({r['ortho_flops_over_dtype_peak']:.0%}, "
                       f"{r['ortho_flops_over_shape_rate']:.0%}; {r['ortho']['backend']}, {r['ortho']['dtype']})"
                       if "ortho" in r else "")
         pred = f"{r['predicted_step_over_fwd_bwd']:.3f}" if "predicted_step_over_fwd_bwd" in r else ""
         lines.append(f"| {name} | {r['step_s'] * 1e3:.2f} | {r['step_over_fwd_bwd']:.3f} | {r['step_over_adamw']:.2f} "
-                     f"| {r['state_bytes_over_adamw']:.3f} | {ortho_rate} | {pred} |")
+                     f"| {r['train_step_over_adamw']:.3f} | {r['state_bytes_over_adamw']:.3f} | {ortho_rate} "
+                     f"| {pred} |")
     ref = res["references"]
     lines += ["", "References (same process, interleaved): " + ", ".join(
         f"{k.removesuffix('_s')} {v * 1e3:.2f} ms" for k, v in ref.items() if k.endswith("_s")), ""]
