@@ -40,6 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.records import _finite_or_none, atomic_write_text
 from models.base import differentiable_loss
+from optimizers.groups import row_blocks, row_slices
 
 UPDATE_KEYS = ("update_rms", "update_rms_per_lr", "update_to_weight", "cos_update_grad", "update_top_sv",
                "update_stable_rank", "update_eff_rank", "update_nuc_over_fro", "weight_spectral_norm",
@@ -261,10 +262,9 @@ def hidden_matrices(model: torch.nn.Module, split, layout: dict[str, int]) -> li
     for info in split.infos("hidden"):
         layer, pc = _layer(info.name), pcs.get(id(info.param))
         prefix = f"L{layer}." if layer is not None else f"{info.name}."
-        if info.role == "attn_qkv":
-            q = layout.get("n_head", 0) * layout.get("head_dim", 0) or info.param.shape[0] // 3
-            kv = (info.param.shape[0] - q) // 2
-            for role, rows in zip(QKV, (slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv))):
+        if info.role == "attn_qkv":  # the matrices the optimizers see with qkv=split (optimizers/groups.py)
+            slices = row_slices(row_blocks(info.role, tuple(info.param.shape), layout), info.param.shape[0])
+            for role, rows in zip(QKV, slices):
                 out.append(Matrix(prefix + role, role, layer, info.param, rows, pc))
         else:
             out.append(Matrix(prefix + info.role, info.role, layer, info.param, slice(None), pc))

@@ -10,16 +10,24 @@ and a role -> group table; this module turns that into four groups:
 
 Every trainable parameter must be claimed exactly once (checked here, as in modded-nanogpt's assertion),
 and the per-group counts are printed at start.
+
+A hidden parameter may hold several matrices: GPT-2's fused attention projection `c_attn` stacks Q, K and
+V (3d x d). `row_blocks` says which rows form each matrix, and `matrix_group` builds the param group a matrix
+method steps, with qkv="split" (default: each block its own matrix, as modded-nanogpt, which stores them
+apart, and the Newton-Muon reference, which splits c_attn before Newton-Schulz) or qkv="fused" (the
+stacked 3d x d matrix as one, the ablation).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 GROUPS = ("hidden", "embedding", "head", "gain_bias")
+QKV_MODES = ("split", "fused")
 
 
 @dataclass
@@ -90,3 +98,53 @@ def require_matrices(optimizer_name: str, params) -> None:
         if p.ndim != 2:
             raise ValueError(f"{optimizer_name} takes 2-D matrices only; got a parameter of shape {tuple(p.shape)} "
                              "(give embeddings, gains and biases to AdamW)")
+
+
+def row_blocks(role: str, shape: tuple[int, ...], layout: Mapping[str, int]) -> tuple[int, ...]:
+    """Row counts of the matrices a hidden parameter holds, top to bottom: a fused [q; k; v] weight gives
+    (n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim) (a third each without a layout), any
+    other matrix one block of all its rows."""
+    if role != "attn_qkv":
+        return (shape[0],)
+    q = layout.get("n_head", 0) * layout.get("head_dim", 0) or shape[0] // 3
+    kv = (shape[0] - q) // 2
+    if q + 2 * kv != shape[0] or kv <= 0:
+        raise ValueError(f"a fused q/k/v weight of shape {tuple(shape)} does not split as [q; k; v] with "
+                         f"layout {dict(layout)}")
+    return (q, kv, kv)
+
+
+def matrix_group(infos: Iterable[ParamInfo], layout: Mapping[str, int], qkv: str = "split", **options) -> dict:
+    """A param group of hidden matrices for a matrix method: "params" and, per parameter, "row_blocks" (the
+    rows of each matrix it holds, `row_blocks`; one block per parameter with qkv="fused"); `options` join the
+    group dict (e.g. Newton-Muon's block_wide)."""
+    if qkv not in QKV_MODES:
+        raise ValueError(f"qkv: {qkv!r} is not one of {', '.join(QKV_MODES)}")
+    infos = list(infos)
+    blocks = [row_blocks(i.role, tuple(i.param.shape), layout) if qkv == "split" else (i.param.shape[0],)
+              for i in infos]
+    return {"params": [i.param for i in infos], "group": "hidden", "row_blocks": blocks, **options}
+
+
+def check_row_blocks(group: dict) -> None:
+    """A group's "row_blocks" (if any) must give each parameter blocks that sum to its rows."""
+    blocks = group.get("row_blocks")
+    if blocks is None:
+        return
+    if len(blocks) != len(group["params"]):
+        raise ValueError(f"row_blocks: {len(blocks)} entries for {len(group['params'])} parameters")
+    for p, rows in zip(group["params"], blocks):
+        if sum(rows) != p.shape[0] or min(rows) <= 0:
+            raise ValueError(f"row_blocks: {tuple(rows)} do not split the {p.shape[0]} rows of a "
+                             f"{tuple(p.shape)} matrix")
+    group["row_blocks"] = [tuple(r) for r in blocks]
+
+
+def row_slices(rows: tuple[int, ...] | None, total: int) -> list[slice]:
+    """The row ranges of the matrices a parameter holds (`rows`: their row counts; None: one matrix)."""
+    if rows is None or len(rows) == 1:
+        return [slice(None)]
+    bounds = [0, *itertools.accumulate(rows)]
+    if bounds[-1] != total:
+        raise ValueError(f"row blocks {tuple(rows)} do not cover {total} rows")
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]

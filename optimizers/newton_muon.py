@@ -5,7 +5,7 @@ gradient right-multiplied by the damped inverse of an EMA of its layer-input sec
 For a weight W (m x n, y = W x) with inputs Z (n x N tokens), per refresh step ((step+1) % k == 0):
 
     K <- beta K + (1 - beta) Z Z^T / N       (averaged over that step's micro-batches; K0 = 1e-3 I)
-    K^-1 <- (K + gamma tr(K)/n I)^-1         (batched Cholesky in fp32; a failed block falls back to I)
+    K^-1 <- (K + (gamma tr(K)/n + 1e-8) I)^-1  (batched Cholesky in fp32; a failed block falls back to I)
 
 and every step G <- G K^-1 before Muon's momentum (K^-1 = I until the first refresh: plain Muon). Inputs
 arrive from the harness's forward hooks (harness/hooks.py) on refresh steps only. Layers fed the same input
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from optimizers.groups import ParamSplit
+from optimizers.groups import ParamSplit, matrix_group
 from optimizers.hybrid import Hybrid, with_aux_adamw
 from optimizers.muon import Muon, MuonSpec
 
@@ -46,12 +46,18 @@ def input_gram(x: torch.Tensor, nb: int, b: int) -> torch.Tensor:
     return z.mT @ z / z.size(1)
 
 
+# Added to the damping, as the reference's precond_eps (zhehangdu/Newton-Muon train_gpt_newton_muon_1.py and
+# modded-nanogpt track 3 #15): it matters only where tr(K)/n is tiny (inputs near zero), where it keeps the
+# Cholesky factorisable.
+RIDGE_EPS = 1e-8
+
+
 def damped_inverse(K: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K + ridge * tr(K)/b I)^-1 for each (b, b) block of K (nb, b, b), by Cholesky; a block whose
+    """(K + (ridge * tr(K)/b + 1e-8) I)^-1 for each (b, b) block of K (nb, b, b), by Cholesky; a block whose
     factorisation fails gets I. Returns the inverses and a bool per block (True = factorised)."""
     b = K.size(-1)
     eye = torch.eye(b, dtype=K.dtype, device=K.device)
-    gamma = ridge * K.diagonal(dim1=-2, dim2=-1).sum(-1) / b  # scale-free damping, per block (spec 3.3)
+    gamma = ridge * K.diagonal(dim1=-2, dim2=-1).sum(-1) / b + RIDGE_EPS  # scale-free damping (spec 3.3)
     L, info = torch.linalg.cholesky_ex(K + gamma[:, None, None] * eye)
     ok = info == 0
     return torch.where(ok[:, None, None], torch.cholesky_inverse(L), eye), ok
@@ -233,8 +239,9 @@ class NewtonMuonSpec(MuonSpec):
         # attention input that q reads, whose full d x d Gram is computed anyway (the reference's fused QKV
         # shares one d x d K); blocks would cost extra Grams and drop the cross-block correlations.
         infos = split.groups["hidden"]
-        groups = [{"params": [i.param for i in infos if (i.role == "mlp_down") == down], "group": "hidden",
-                   "block_wide": self.block_wide and down} for down in (False, True)]
-        opt = NewtonMuon([g for g in groups if g["params"]], refresh_every=self.refresh_every, stats_beta=self.stats_beta, ridge=self.ridge,
-                         init_scale=self.init_scale, **self.matrix_kwargs())
+        groups = [matrix_group([i for i in infos if (i.role == "mlp_down") == down], split.layout, self.qkv,
+                               block_wide=self.block_wide and down) for down in (False, True)]
+        opt = NewtonMuon([g for g in groups if g["params"]], refresh_every=self.refresh_every,
+                         stats_beta=self.stats_beta, ridge=self.ridge, init_scale=self.init_scale,
+                         **self.matrix_kwargs())
         return with_aux_adamw(opt, split, self.aux)

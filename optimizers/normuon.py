@@ -9,9 +9,12 @@ Per m x n matrix, after O = orthogonalize(Nesterov momentum) as in Muon (optimiz
     O^ <- O^ ||O||_F / (||O^||_F + 1e-10)   keep the Frobenius norm of O
     W  <- W (1 - lr wd) - lr s(m, n) O^     s: the Muon shape scale (keller by default)
 
-This is the official code's convention (zichongli5/NorMuon normuon.py). The paper instead fixes the update
-RMS: lr_hat = 0.2 lr sqrt(mn) / ||O^||_F; with scale=moonlight here the RMS is 0.2 only for an exact polar
-factor, so the two agree up to the back-end's inexactness.
+This is the official code's convention (zichongli5/NorMuon normuon.py) as of commit 5320abe (2025-12-02), its
+last version that runs on fp32 parameters: 939267f dropped the fp32 cast of the bf16 Newton-Schulz output,
+and the fp32 second-moment buffer's lerp_ with that bf16 update then raises ("expected dtype float for `end`")
+on fp32 parameters (checked with torch 2.13). The paper fixes the update RMS instead: lr_hat = 0.2 lr sqrt(mn) /
+||O^||_F; with scale=moonlight here the RMS is 0.2 only for an exact polar factor, so the two agree up to the
+back-end's inexactness.
 
     python train.py experiment=bench_tiny optimizer=normuon optimizer.beta2=0.95
 """
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from optimizers.groups import ParamSplit
+from optimizers.groups import ParamSplit, matrix_group
 from optimizers.hybrid import Hybrid, with_aux_adamw
 from optimizers.muon import Muon, MuonSpec, scale_factor
 
@@ -48,11 +51,14 @@ class NorMuon(Muon):
         for group in self.param_groups:
             group.setdefault("beta2", beta2)
 
-    def shape_update(self, p: torch.Tensor, O: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+    def shape_update(self, p: torch.Tensor, O: torch.Tensor, state: dict, group: dict,
+                     rows: slice = slice(None)) -> torch.Tensor:
         if "second_momentum_buffer" not in state:
             state["second_momentum_buffer"] = torch.zeros(p.size(0), 1, dtype=torch.float32, device=p.device)
-        normed = normuon_normalize(O, state["second_momentum_buffer"], group["beta2"])
-        return normed * scale_factor(p.shape, group["scale"])
+        # One matrix of a fused parameter (Q, K or V) normalizes its rows' v and keeps its own Frobenius norm,
+        # as the three separate matrices of modded-nanogpt's NorMuon do; v[rows] is a view, updated in place.
+        normed = normuon_normalize(O, state["second_momentum_buffer"][rows], group["beta2"])
+        return normed * scale_factor(O.shape, group["scale"])
 
 
 @dataclass
@@ -65,5 +71,5 @@ class NorMuonSpec(MuonSpec):
             raise ValueError(f"{key}.beta2: must be in [0, 1) (got {self.beta2})")
 
     def build(self, split: ParamSplit) -> Hybrid:
-        hidden = [{"params": split.params("hidden"), "group": "hidden"}]
+        hidden = [matrix_group(split.infos("hidden"), split.layout, self.qkv)]
         return with_aux_adamw(NorMuon(hidden, beta2=self.beta2, **self.matrix_kwargs()), split, self.aux)
