@@ -308,6 +308,8 @@ def train(run: Run) -> dict:
         "unigram_entropy_nats": run.data.unigram_entropy_nats, "world_size": run.world_size,
         "optimizer": HydraConfig.get().runtime.choices.get("optimizer"), "optimizer_class": optimizer_name(opt),
         "optimizer_target": run.resolved["optimizer"]["_target_"],
+        # PolarGrad's lr_scale=muon_at_init: raw lr = lr x calibration, fixed on the first step
+        "lr_calibration": next((g["lr_calibration"] for g in opt.param_groups if "lr_calibration" in g), None),
         "seed": cfg.seed, "data_seed": cfg.data.seed, "experiment": cfg.experiment,
         "resumes": resumes, "resumed_from_steps": [r["from_step"] for r in resumes],
         # harness/diagnostics.py: seconds spent on diagnostics, outside train_time_s (0 when they are off)

@@ -3,6 +3,9 @@
     newton_schulz   Keller Jordan's quintic Newton-Schulz (NS5), bf16-friendly, singular values ~[0.68, 1.13]
     polar_express   Amsel et al. 2025 (arXiv:2505.16932): one minimax quintic per step, -> 1 in 8 steps
     qdwh            dynamically weighted Halley (Nakatsukasa, Bai & Gygi 2010), fp32/fp64, exact to rounding
+    qdwh_ns         PolarGrad's recipe (timlautk/polargrad): `steps` QDWH iterations (default 2) from the same
+                    start, then one cubic Newton-Schulz polish; fp32/fp64; not converged, as the authors
+                    run it: singular values in [0.73, 1] for sigma >= eps sqrt(||G||_1 ||G||_inf)
     polar_svd       U V^T from torch.linalg.svd, the reference
 
 `orthogonalize(G, method=...)` dispatches by name and returns G's dtype; `orthogonalize_many` stacks
@@ -41,7 +44,7 @@ POLAR_EXPRESS_COEFFS = (
     (1.875, -1.25, 0.375),
 )
 
-METHODS = ("ns", "polar_express", "qdwh", "svd")
+METHODS = ("ns", "polar_express", "qdwh", "qdwh_ns", "svd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
@@ -148,16 +151,30 @@ def qdwh(G: torch.Tensor, max_iter: int = 10, dtype: torch.dtype | None = None) 
     factor is accurate: one Gram, one n x n factorization and inverse, one matmul per iteration, the FLOPs of
     a Newton-Schulz step.
     """
+    X, work, wide = _qdwh_start(G, dtype)
+    X = _qdwh_iterate(X, _qdwh_schedule(torch.finfo(work).eps, max_iter))
+    return X.mT if wide else X
+
+
+def _qdwh_start(G: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.dtype, bool]:
+    """QDWH's X0 = G / sqrt(||G||_1 ||G||_inf) in the working dtype (fp64 if G or `dtype` is, else fp32), on
+    the tall orientation (laid out as such); returns (X0, working dtype, whether G was wide)."""
     work = torch.float64 if torch.float64 in (G.dtype, dtype) else torch.float32
     X = G.to(work)
     wide = X.size(-2) < X.size(-1)
     if wide:  # the Gram / QR side must be the small one: work on the tall orientation, laid out as such
         X = X.mT.contiguous()  # (the transposed view makes every product here ~1.5x slower)
-    n = X.size(-1)
     one = X.abs().sum(-2).amax(-1, keepdim=True)[..., None]  # ||X||_1: max column sum
     inf = X.abs().sum(-1).amax(-1, keepdim=True)[..., None]  # ||X||_inf: max row sum
-    X = X / torch.where(one * inf > 0, (one * inf).sqrt(), torch.ones_like(one))
-    for a, b, c in _qdwh_schedule(torch.finfo(work).eps, max_iter):
+    return X / torch.where(one * inf > 0, (one * inf).sqrt(), torch.ones_like(one)), work, wide
+
+
+def _qdwh_iterate(X: torch.Tensor, schedule: Sequence[tuple[float, float, float]]) -> torch.Tensor:
+    """The QDWH iterations X <- (b/c) X + (a - b/c) X (I + c X^T X)^-1 for each (a, b, c) of `schedule`, on a
+    tall (..., m, n) X in fp32 or fp64 (the forms of each step: qdwh's docstring)."""
+    work = X.dtype
+    n = X.size(-1)
+    for a, b, c in schedule:
         e = b / c
         if c > 100 and work == torch.float64:
             eye = torch.eye(n, dtype=work, device=X.device).expand(*X.shape[:-2], n, n)
@@ -169,7 +186,54 @@ def qdwh(G: torch.Tensor, max_iter: int = 10, dtype: torch.dtype | None = None) 
             A = (Y.mT @ Y).mul_(c).add_(torch.eye(n, dtype=Y.dtype, device=Y.device))
             Z = (Y @ torch.cholesky_inverse(torch.linalg.cholesky(A))).to(work)  # X (I + c X^T X)^-1
         X = e * X + (a - e) * Z
+    return X
+
+
+def qdwh_ns(G: torch.Tensor, steps: int = 2, dtype: torch.dtype | None = None,
+            fp64_above: float | None = None) -> torch.Tensor:
+    """The PolarGrad reference's polar factor (timlautk/polargrad's default and its experiments, inner_steps 2):
+    the first `steps` QDWH iterations, no convergence test, then always one cubic Newton-Schulz polish
+    X <- 1.5 X - 0.5 X (X^T X). fp32 (fp64 if G or `dtype` is fp64), (..., m, n) batched, wide inputs by
+    transposition; qdwh's start X0 = G / sqrt(||G||_1 ||G||_inf), l0 = eps of the working dtype (fp32's for
+    fp32 gradients, as the reference) and weights, so steps >= 4 in fp32 is converged QDWH plus the polish.
+
+    Not converged: each singular value s of X0 ends at f(s), f the composition of the iterations' rational
+    maps and of 1.5 x - 0.5 x^3. With 2 fp32 steps (c = 2.7e9, then 577) f takes [eps, 1] into [0.728, 1]
+    (oscillating: the QDWH maps are minimax rationals) and f -> 0 below eps, so the nuclear-norm scale
+    <G, qdwh_ns(G)> = sum s_i f(s_i) is 0.73-0.93 of ||G||_* (Gaussian 0.89-0.92, condition 1e4 0.83,
+    low-rank plus noise 0.73; tests/test_ortho.py checks the fp32 result against sum s_i f(s_i)).
+
+    Precision: an iteration with c > `fp64_above` (default 1/sqrt(eps) = 2896 in fp32: the first, where
+    I + c X^T X has condition number up to 1 + c = 2.7e9) runs in fp64 (Gram, Cholesky inverse, product) and
+    hands its output on in fp64; the second (condition number <= 578) runs in fp32. Each update is one
+    product X H, H = (b/c) I + (a - b/c) (I + c X^T X)^-1. Max entry error against an fp64 QR-form evaluation
+    of the recipe on the same fp32 input (tests/test_ortho.py): 3.7e-7 on Gaussian input, 4.7e-6 at condition
+    number 1e4 (both iterations in fp64, fp64_above=100: 9.2e-8 and 4.7e-6; the reference's own all-fp32 QR:
+    3.9e-7 and 9.2e-5). Products in fp32 after an fp64 factorization reach 1e-3 at condition 1e4 (the first
+    iteration amplifies errors ~1e5-fold); an fp32 Cholesky fails outright there. Cost: README "Performance".
+    """
+    X, work, wide = _qdwh_start(G, dtype)
+    schedule = _qdwh_schedule(torch.finfo(work).eps, steps)
+    if work == torch.float64:
+        X = _qdwh_iterate(X, schedule)
+    else:
+        above = 1 / math.sqrt(torch.finfo(work).eps) if fp64_above is None else fp64_above
+        for a, b, c in schedule:
+            e = b / c
+            Y = X.to(torch.float64 if c > above else work)
+            eye = torch.eye(X.size(-1), dtype=Y.dtype, device=Y.device)
+            H = torch.cholesky_inverse(torch.linalg.cholesky((Y.mT @ Y).mul_(c).add_(eye)))
+            H = H.mul_(a - e).add_(eye, alpha=e)
+            X = Y @ H  # (b/c) Y + (a - b/c) Y (I + c Y^T Y)^-1
+        X = X.to(work)
+    X = _ns_polish(X)
     return X.mT if wide else X
+
+
+def _ns_polish(X: torch.Tensor) -> torch.Tensor:
+    """One cubic Newton-Schulz step X <- 1.5 X - 0.5 X (X^T X) on a tall (..., m, n) X: one fused baddbmm."""
+    Y = X.reshape(-1, *X.shape[-2:])
+    return torch.baddbmm(Y, Y, Y.mT @ Y, beta=1.5, alpha=-0.5).reshape(X.shape)
 
 
 def polar_svd(G: torch.Tensor) -> torch.Tensor:
@@ -183,9 +247,10 @@ def orthogonalize(G: torch.Tensor, method: str = "ns", steps: int | None = None,
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """polar(G) by `method`, returned in G's dtype.
 
-    `steps`: NS / Polar Express iterations (default 5), QDWH's maximum iterations (default 10), unused by
-    svd. `dtype`: the iteration dtype of ns / polar_express; qdwh and svd run in fp32 (fp64 if asked),
-    since torch has no bf16 QR, Cholesky or SVD.
+    `steps`: NS / Polar Express iterations (default 5), QDWH's maximum iterations (default 10), qdwh_ns's
+    QDWH iterations before its polish (default 2), unused by svd. `dtype`: the iteration dtype of ns /
+    polar_express; qdwh, qdwh_ns and svd run in fp32 (fp64 if asked), since torch has no bf16 QR, Cholesky
+    or SVD.
     """
     if method == "ns":
         out = newton_schulz(G, steps=5 if steps is None else steps, dtype=dtype)
@@ -193,6 +258,8 @@ def orthogonalize(G: torch.Tensor, method: str = "ns", steps: int | None = None,
         out = polar_express(G, steps=5 if steps is None else steps, dtype=dtype)
     elif method == "qdwh":
         out = qdwh(G, max_iter=10 if steps is None else steps, dtype=dtype)
+    elif method == "qdwh_ns":
+        out = qdwh_ns(G, steps=2 if steps is None else steps, dtype=dtype)
     elif method == "svd":
         out = polar_svd(G.to(torch.float64) if dtype == torch.float64 else G)
     else:

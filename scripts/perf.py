@@ -6,7 +6,9 @@
 
 In one process, repeats interleaved (every measured thing once per round, medians over rounds):
 forward+backward of the model over one global batch; each optimizer's step() (as a ratio to forward+
-backward and to AdamW's step), its state bytes (ratio to AdamW's); the orthogonalization's matmul FLOP rate
+backward and to AdamW's step; PolarGrad's also to Muon's, at Muon's configured NS dtype and with its NS in
+fp32, the muon_fp32 entry: polargrad_step_over_muon, polargrad_step_over_muon_fp32), its state bytes (ratio
+to AdamW's); the orthogonalization's matmul FLOP rate
 (FlopCounterMode count / time) against the machine's measured dense-matmul rate, and the step/fwd+bwd ratio
 the FLOPs predict at equal rate (5 Newton-Schulz steps on a d x d matrix: about 30 d^3 FLOPs, against
 6 d^2 T for forward+backward over T tokens); references in the same process: torch.optim.AdamW (foreach,
@@ -45,7 +47,7 @@ from harness.records import atomic_write_json, atomic_write_text, environment
 from harness.run import to_typed
 from models import ROLE_GROUP, build_model
 from optimizers import ortho
-from optimizers.groups import split_parameters
+from optimizers.groups import row_slices, split_parameters
 
 # Presets: model and global batch (sequences x tokens); micro = global (no accumulation) unless given.
 PRESETS = {
@@ -55,8 +57,12 @@ PRESETS = {
     "gpt2_124m": ["model=gpt2_124m", "train.seq_len=1024", "train.global_batch_size=32",
                   "train.micro_batch_size=16"],
 }
-OPTIMIZERS = ["adamw", "muon", "normuon", "polargrad", "newton_muon", "adam_mini", "soap", "lion"]
-MATRIX = {"muon", "normuon", "polargrad", "newton_muon"}
+OPTIMIZERS = ["adamw", "muon", "muon_fp32", "normuon", "polargrad", "newton_muon", "adam_mini", "soap", "lion"]
+MATRIX = {"muon", "muon_fp32", "normuon", "polargrad", "newton_muon"}
+# Measured entries that are another entry's conf/optimizer/*.yaml with overrides: Muon with its Newton-Schulz in
+# fp32 (dtype: auto runs it in bf16 where bf16 matmuls measure fast), the like-for-like reference for PolarGrad,
+# whose QDWH runs in fp32/fp64 (no bf16 QR or Cholesky).
+VARIANTS = {"muon_fp32": ("muon", ("optimizer.dtype=fp32",))}
 
 
 def config(preset: str, optimizer: str = "adamw", extra: tuple[str, ...] = ()):
@@ -72,7 +78,8 @@ class Setup:
     """Model + optimizer of one configuration, with a fixed random global batch (timing needs no data)."""
 
     def __init__(self, preset: str, optimizer: str, device: torch.device, extra: tuple[str, ...] = ()):
-        self.cfg, spec = config(preset, optimizer, extra)
+        base, overrides = VARIANTS.get(optimizer, (optimizer, ()))
+        self.cfg, spec = config(preset, base, (*overrides, *extra))
         t = self.cfg.train
         torch.manual_seed(0)
         self.model = build_model(self.cfg.model).to(device)
@@ -138,13 +145,15 @@ def state_bytes(opt) -> int:
 
 
 def ortho_cost(s: Setup, repeats: int) -> dict[str, float]:
-    """The orthogonalization alone on the optimizer's real hidden-matrix shapes (momentum-like inputs):
+    """The orthogonalization alone on the optimizer's real hidden-matrix shapes (random inputs):
     matmul FLOPs (FlopCounterMode; QDWH's Cholesky factorizations and inverses not counted) and the median time."""
     group = next(g for g in s.opt.param_groups if "backend" in g)
     # QDWH and SVD run in fp32 whatever the dtype setting (torch has no bf16 QR / Cholesky / SVD)
     dtype = (ortho.compute_dtype(s.device, group["dtype"]) if group["backend"] in ("ns", "polar_express")
              else torch.float32)
-    mats = [torch.randn_like(p) for p in group["params"]]
+    # the matrices the step orthogonalizes: GPT-2's fused q/k/v as three (the group's row_blocks, qkv=split)
+    blocks = group.get("row_blocks") or [None] * len(group["params"])
+    mats = [torch.randn_like(p[r]) for p, rows in zip(group["params"], blocks) for r in row_slices(rows, p.size(0))]
     steps = group.get("ns_steps")
 
     def run():
@@ -154,16 +163,17 @@ def ortho_cost(s: Setup, repeats: int) -> dict[str, float]:
         run()
     t = rounds({"ortho": run}, repeats, s.device)["ortho"]
     return {"flops": counter.get_total_flops(), "time_s": t, "dtype": str(dtype).removeprefix("torch."),
-            "backend": group["backend"]}
+            "backend": group["backend"], "shapes": [list(m.shape) for m in mats]}
 
 
-def shape_matmul_rate(mats: list[torch.Tensor], dtype: torch.dtype, repeats: int, device: torch.device) -> float:
+def shape_matmul_rate(shapes: list[list[int]], dtype: torch.dtype, repeats: int,
+                      device: torch.device) -> float:
     """FLOP/s of plain batched matmuls with the shapes one Newton-Schulz iteration multiplies (per same-shape
     bucket, rows <= columns: A = X Xᵀ, A @ A, A @ X), in `dtype`: what the orthogonalization could reach
     on these shapes, as opposed to a large square matmul."""
     buckets: dict[tuple[int, int], int] = {}
-    for m in mats:
-        shape = tuple(sorted(m.shape))
+    for m in shapes:
+        shape = tuple(sorted(m))
         buckets[shape] = buckets.get(shape, 0) + 1
     xs = [torch.randn(k, a, b, device=device).to(dtype) for (a, b), k in buckets.items()]
     flops = sum(2 * x.shape[0] * x.shape[1] * x.shape[1] * x.shape[2] * 2 + 2 * x.shape[0] * x.shape[1] ** 3
@@ -206,9 +216,8 @@ def measure_optimizers(preset: str, optimizers: list[str], device: torch.device,
             c = ortho_cost(s, repeats)
             rates = matmul_rates(str(device), 512)
             dtype = getattr(torch, c["dtype"])
-            group = next(g for g in s.opt.param_groups if "backend" in g)
             rate = c["flops"] / c["time_s"]
-            c["shape_rate_gflops"] = shape_matmul_rate(group["params"], dtype, repeats, device) / 1e9
+            c["shape_rate_gflops"] = shape_matmul_rate(c["shapes"], dtype, repeats, device) / 1e9
             c["matmul_gflops"] = rates
             r.update(ortho=c, ortho_flops_over_matmul_peak=rate / (rates["float32"] * 1e9),
                      ortho_flops_over_dtype_peak=rate / (rates["bfloat16" if dtype == torch.bfloat16
@@ -216,6 +225,10 @@ def measure_optimizers(preset: str, optimizers: list[str], device: torch.device,
                      ortho_flops_over_shape_rate=rate / (c["shape_rate_gflops"] * 1e9),
                      predicted_step_over_fwd_bwd=c["flops"] / out["fwd_bwd_flops"])
         out["optimizers"][name] = r
+    # PolarGrad's step over Muon's: Muon at its configured dtype (auto: bf16 NS where bf16 is fast) and with fp32 NS
+    for key, muon in (("polargrad_step_over_muon", "muon"), ("polargrad_step_over_muon_fp32", "muon_fp32")):
+        if "polargrad" in t and muon in t:
+            out[key] = t["polargrad"] / t[muon]
     return out
 
 
@@ -413,6 +426,11 @@ def table(res: dict) -> str:
     ref = res["references"]
     lines += ["", "References (same process, interleaved): " + ", ".join(
         f"{k.removesuffix('_s')} {v * 1e3:.2f} ms" for k, v in ref.items() if k.endswith("_s")), ""]
+    if "polargrad_step_over_muon" in res:
+        muon_dtype = o["muon"].get("ortho", {}).get("dtype", "?")
+        lines.append(f"polargrad / muon: {res['polargrad_step_over_muon']:.2f}x step (Muon's NS at its dtype setting, "
+                     f"here {muon_dtype})" + (f"; polargrad / muon (fp32 NS): {res['polargrad_step_over_muon_fp32']:.2f}x"
+                                              if "polargrad_step_over_muon_fp32" in res else ""))
     if "newton_refresh" in res:
         n = res["newton_refresh"]
         lines.append(f"Newton-Muon amortized over k={n['refresh_every']}: {n['amortized_step_s'] * 1e3:.2f} ms/step "
