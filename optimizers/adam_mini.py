@@ -7,12 +7,20 @@ about half of AdamW's. Here on every parameter group, with the v1.1 partition of
     attn_qkv                [q; k; v] rows: q and k per head, v per row (GPT-2's fused projection)
     attn_v, attn_out,       one block per output neuron (row)
     mlp_up/gate/down
-    embed, pos_embed, head  one block per row (= per token / position)
+    embed, head             one block per row (= per token)
+    pos_embed               pos_embed="tensor" (default): one block for the whole table, as the reference;
+                            pos_embed="row": one block per row (= per position)
     bias                    one block per element (full Adam), as the v1.1 reference code does
     anything else           one block per tensor (norm gains, future scalars such as a PC gain)
 
 The reference matches parameter *names* by substring, which misreads fused projections (optimizers.md 4.7);
-roles make the partition explicit, and a head layout that does not fit the rows is an error.
+roles make the partition explicit, and a head layout that does not fit the rows is an error. The position
+embedding follows the reference by default: on the authors' GPT-2 example its name `transformer.wpe` matches
+none of the reference's name lists (the embedding names are "embed", "embd", "wte"), so 1.1.1 puts it in the
+"other" branch, one v for the whole tensor; tests/test_adam_mini.py checks the counts and the update against
+the adam-mini 1.1.1 package. That follows from the name matching rather than from a documented choice, so the
+option pos_embed="row" (optimizer.pos_embed=row; this module's partition before) treats the table like the
+token embedding, one block per row, for an ablation.
 
 Update per block b (optimizers.md 4.2), lr eta, betas (beta1, beta2), weight decay lambda, step t:
 
@@ -22,6 +30,7 @@ Update per block b (optimizers.md 4.2), lr eta, betas (beta1, beta2), weight dec
     W <- W - eta (m / (1 - beta1^t)) / (sqrt(v_b / (1 - beta2^t)) + eps)
 
     python train.py experiment=bench_tiny optimizer=adam_mini
+    python train.py experiment=bench_tiny optimizer=adam_mini optimizer.pos_embed=row   # one v per position
 """
 
 from __future__ import annotations
@@ -39,8 +48,15 @@ from optimizers.groups import GROUPS, ParamSplit
 # ((4, 32), (4, 32), (128, 1)). One block of one row is the whole tensor; (numel, 1) is one per element.
 Blocks = tuple[tuple[int, int], ...]
 
-ROW_ROLES = ("attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down", "embed", "pos_embed", "head")
+ROW_ROLES = ("attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down", "embed", "head")
 GRANULARITIES = ("block", "element")  # element: one v per entry, i.e. AdamW (a test of the maths)
+POS_EMBEDS = ("tensor", "row")  # the position embedding: one v for the table (reference 1.1.1), or per row
+
+
+def check_pos_embed(prefix: str, pos_embed: str) -> None:
+    """Raise ValueError("<prefix>pos_embed: ...") unless `pos_embed` is one of POS_EMBEDS."""
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"{prefix}pos_embed: {pos_embed!r} is not one of {', '.join(POS_EMBEDS)}")
 
 
 def _heads(role: str, layout: Mapping[str, int], *keys: str) -> list[int]:
@@ -51,15 +67,23 @@ def _heads(role: str, layout: Mapping[str, int], *keys: str) -> list[int]:
     return [layout[k] for k in (*keys, "head_dim")]
 
 
-def partition(role: str, shape: Sequence[int], layout: Mapping[str, int], granularity: str = "block") -> Blocks:
+def _row_roles(pos_embed: str) -> tuple[str, ...]:
+    return (*ROW_ROLES, "pos_embed") if pos_embed == "row" else ROW_ROLES
+
+
+def partition(role: str, shape: Sequence[int], layout: Mapping[str, int], granularity: str = "block",
+              pos_embed: str = "tensor") -> Blocks:
     """The v1.1 blocks of a tensor of `shape` with declared `role` (module docstring); raises ValueError
-    when a per-head role's rows do not match the layout {"n_head", "n_kv_head", "head_dim"}."""
+    when a per-head role's rows do not match the layout {"n_head", "n_kv_head", "head_dim"}. `pos_embed`
+    ("tensor" or "row") partitions the position embedding."""
+    check_pos_embed("", pos_embed)
+    row_roles = _row_roles(pos_embed)
     numel = 1
     for s in shape:
         numel *= s
     if granularity == "element" or role == "bias":
         return ((numel, 1),)
-    if role in ("attn_q", "attn_k", "attn_qkv") or role in ROW_ROLES:
+    if role in ("attn_q", "attn_k", "attn_qkv") or role in row_roles:
         if len(shape) != 2:
             raise ValueError(f"Adam-mini: role {role!r} is a matrix but has shape {tuple(shape)}")
         rows = shape[0]
@@ -75,17 +99,17 @@ def partition(role: str, shape: Sequence[int], layout: Mapping[str, int], granul
             raise ValueError(f"Adam-mini: role 'attn_qkv' has {rows} rows, not [q; k; v] = (n_head {n_q} + "
                              f"2 x n_kv_head {n_kv}) x head_dim {head_dim} = {(n_q + 2 * n_kv) * head_dim}")
         return ((n_q, head_dim), (n_kv, head_dim), (n_kv * head_dim, 1))
-    if role in ROW_ROLES:
+    if role in row_roles:
         return ((rows, 1),)
     return ((1, 1),)
 
 
-def rule_name(role: str, granularity: str = "block") -> str:
+def rule_name(role: str, granularity: str = "block", pos_embed: str = "tensor") -> str:
     """How `partition` splits a role, in words (for the summary)."""
     if granularity == "element" or role == "bias":
         return "per element"
     return {"attn_q": "per head", "attn_k": "per kv head", "attn_qkv": "q,k per head; v per row",
-            **dict.fromkeys(ROW_ROLES, "per row")}.get(role, "per tensor")
+            **dict.fromkeys(_row_roles(pos_embed), "per row")}.get(role, "per tensor")
 
 
 def adam_mini_update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, blocks: Blocks,
@@ -123,15 +147,17 @@ class AdamMini(torch.optim.Optimizer):
 
     State per parameter: "step" (int), "m" (p's shape and dtype), "v" (one scalar per block, p's dtype,
     as torch's AdamW keeps its moments). `granularity="element"` makes every entry a block: AdamW exactly.
+    `pos_embed`: the position embedding's partition, "tensor" (one block, the reference's) or "row".
     """
 
     def __init__(self, params, lr: float = 3e-3, betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, *, layout: Mapping[str, int] | None = None,
-                 granularity: str = "block"):
+                 granularity: str = "block", pos_embed: str = "tensor"):
         check_hparams("", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity: {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-        self.layout, self.granularity = dict(layout or {}), granularity
+        check_pos_embed("", pos_embed)
+        self.layout, self.granularity, self.pos_embed = dict(layout or {}), granularity, pos_embed
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     def add_param_group(self, param_group: dict) -> None:
@@ -142,7 +168,8 @@ class AdamMini(torch.optim.Optimizer):
             raise ValueError("AdamMini: each param group needs 'roles', one declared role per parameter "
                              f"(got {roles!r} for {len(group['params'])} parameters)")
         group["roles"] = list(roles)
-        group["blocks"] = [partition(r, p.shape, self.layout, self.granularity) for p, r in zip(group["params"], roles)]
+        group["blocks"] = [partition(r, p.shape, self.layout, self.granularity, self.pos_embed)
+                           for p, r in zip(group["params"], roles)]
 
     def summary(self) -> str:
         """Per role: tensors, parameters and second-moment scalars (= blocks), and the totals vs AdamW."""
@@ -151,9 +178,11 @@ class AdamMini(torch.optim.Optimizer):
             for p, role, blocks in zip(group["params"], group["roles"], group["blocks"]):
                 row = rows.setdefault(role, [0, 0, 0])
                 row[0], row[1], row[2] = row[0] + 1, row[1] + p.numel(), row[2] + sum(n for n, _ in blocks)
-        lines = [f"Adam-mini partition (v1.1, one v scalar per block; layout {self.layout or 'none'}):",
+        title = f"v1.1, one v scalar per block; pos_embed {self.pos_embed}; layout {self.layout or 'none'}"
+        lines = [f"Adam-mini partition ({title}):",
                  f"  {'role':<10} {'partition':<24} {'tensors':>7} {'params':>14} {'v scalars':>11}"]
-        lines += [f"  {role:<10} {rule_name(role, self.granularity):<24} {t:>7} {n:>14,} {b:>11,}"
+        rules = {role: rule_name(role, self.granularity, self.pos_embed) for role in rows}
+        lines += [f"  {role:<10} {rules[role]:<24} {t:>7} {n:>14,} {b:>11,}"
                   for role, (t, n, b) in rows.items()]
         t, n, b = (sum(r[i] for r in rows.values()) for i in range(3))
         lines.append(f"  {'total':<35} {t:>7} {n:>14,} {b:>11,}  (state m + v = {(n + b) / (2 * n):.4f} "
@@ -189,10 +218,13 @@ class AdamMiniSpec:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1  # decoupled, on matrices, embeddings and head; never on gains/biases
+    # the position embedding's partition: "tensor" (reference 1.1.1: one v for the whole table) | "row"
+    pos_embed: str = "tensor"
 
     def validate(self, key: str = "optimizer") -> None:
         """Raise ValueError("<key>.<field>: ...") for impossible values (key = where this spec sits)."""
         check_hparams(f"{key}.", lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        check_pos_embed(f"{key}.", self.pos_embed)
 
     def build(self, split: ParamSplit) -> AdamMini:
         """Adam-mini over the four groups of the split, partitioned by role; prints the partition."""
@@ -202,6 +234,6 @@ class AdamMiniSpec:
             for g in GROUPS if (infos := split.infos(g))
         ]
         opt = AdamMini(groups, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
-                       layout=split.layout)
+                       layout=split.layout, pos_embed=self.pos_embed)
         print(opt.summary())
         return opt

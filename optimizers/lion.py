@@ -2,7 +2,8 @@
 every parameter group: the sign of an interpolated momentum, so every coordinate moves by exactly lr.
 
 Per tensor W with gradient g, lr eta, betas (b1, b2), weight decay lambda (optimizers.md 7; the paper's
-Program 1 and lucidrains/lion-pytorch, whose order this follows):
+Program 1 and lucidrains/lion-pytorch 0.2.5, whose operations and their order this follows, so that the two
+are bit-identical on identical gradients, tests/test_lion.py):
 
     c = b1 m + (1 - b1) g                   the update's interpolation (sign(0) = 0, as torch.sign)
     W <- W (1 - eta lambda) - eta sign(c)   decoupled decay, = W - eta (sign(c) + lambda W)
@@ -28,11 +29,13 @@ from optimizers.groups import GROUPS, ParamSplit
 
 
 def lion_update(grad: torch.Tensor, exp_avg: torch.Tensor, *, betas: tuple[float, float]) -> torch.Tensor:
-    """sign(b1 m + (1 - b1) g): what W moves along, times lr (before weight decay). Then m <- lerp(m, g, 1 - b2)
-    in place; `grad` is left untouched."""
+    """sign(b1 m + (1 - b1) g): what W moves along, times lr (before weight decay). Then
+    m <- b2 m + (1 - b2) g in place; `grad` is left untouched. Both are formed as lion-pytorch 0.2.5 forms them
+    (m * b, then add with alpha), not with lerp, whose other rounding left m a bit off the reference's and so
+    could flip the sign of a c near 0: the same operations make Lion bit-identical to it (tests)."""
     b1, b2 = betas
-    direction = exp_avg.lerp(grad, 1 - b1).sign_()
-    exp_avg.lerp_(grad, 1 - b2)
+    direction = exp_avg.mul(b1).add_(grad, alpha=1 - b1).sign_()
+    exp_avg.mul_(b2).add_(grad, alpha=1 - b2)
     return direction
 
 
