@@ -212,6 +212,7 @@ def test_run_dir_of_another_workload_is_refused(finished_run, overrides, prefix)
 
 # ---- 5. W&B unreachable -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~20 s (W&B's own timeouts); test_train's W&B failure test stays in the default suite
 def test_wandb_unreachable_keeps_local_records(kjv_dir, tmp_path):
     """Online W&B with a well-formed but bogus key and a server that is not there (port 9, nothing listens,
     no network needed): the run must finish with complete local records and say on stderr that W&B is off."""

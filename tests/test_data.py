@@ -111,8 +111,9 @@ def test_unigram_entropy_matches_numpy(kjv):
     out, meta = kjv
     train = np.concatenate([open_shard(os.path.join(out, r["file"])) for r in meta["train_shards"]])
     p = np.unique(train, return_counts=True)[1] / train.size
-    assert meta["unigram_entropy_nats"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
-    assert meta["unigram_entropy_nats"] == pytest.approx(5.9958, abs=1e-4)
+    # fp64 sums of len(p) ~ 4,096 positive terms: the worst case len(p) eps64 = 9e-13 relative
+    assert meta["unigram_entropy_nats"] == pytest.approx(-(p * np.log(p)).sum(), rel=len(p) * np.finfo(float).eps)
+    assert meta["unigram_entropy_nats"] == pytest.approx(5.9958, abs=1e-4)  # the stated value, rounded
 
 
 # ---- shards -------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ def test_batch_is_fast(kjv):
     start = time.perf_counter()
     for step in range(200):
         data.train_batch(step, 0, 16, 1)
-    assert (time.perf_counter() - start) / 200 < 1e-3  # measured: about 0.06 ms
+    assert (time.perf_counter() - start) / 200 < 1e-3  # measured: about 0.06 ms; 16x, a guard, not a measurement
 
 
 def test_prepare_hf_routes_the_stream_offline(kjv, tmp_path, monkeypatch):

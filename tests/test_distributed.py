@@ -22,7 +22,9 @@ from optimizers.normuon import NorMuon
 from optimizers.polargrad import PolarGrad
 
 # fp32 tolerance of the equivalence (relative, on every logged loss). Measured here: 0 for AdamW, Muon,
-# Newton-Muon and Adam-mini (bit-identical), 4.8e-7 absolute for PolarGrad (QDWH batched over 8 vs 16 matrices).
+# Newton-Muon and Adam-mini (bit-identical), 4.8e-7 absolute for PolarGrad (QDWH batched over 8 vs 16 matrices),
+# 7e-8 relative on losses ~7. 1e-5 (84 eps) leaves room for 12 steps to amplify other kernels' rounding; a real
+# difference (a rank's gradient missing, summed instead of averaged, another batch) is >= 1e-3 after one step.
 RTOL = 1e-5
 SMOKE = ["experiment=smoke", "logger=none"]
 
@@ -52,9 +54,13 @@ EXTRA = {"newton_muon": ["optimizer.refresh_every=3"], "adamw+pc": ["model.pc_le
 DIAG = ["diagnostics.every=4", "diagnostics.power_iters=4", "diagnostics.trace_samples=2", "diagnostics.block_samples=1"]
 
 
+# PolarGrad, Adam-mini and AdamW+PC are slow-marked (`make test-all`) to keep the default suite under 15
+# minutes on the slower CI machines: Muon covers the shared orthogonalization, Newton-Muon the all-reduced
+# statistics, AdamW the accelerate launch.
 @pytest.mark.parametrize("optimizer, launcher", [
-    ("adamw", "accelerate"), ("muon", "torchrun"), ("polargrad", "torchrun"),
-    ("newton_muon", "torchrun"), ("adam_mini", "torchrun"), ("adamw+pc", "torchrun")])
+    ("adamw", "accelerate"), ("muon", "torchrun"), pytest.param("polargrad", "torchrun", marks=pytest.mark.slow),
+    ("newton_muon", "torchrun"), pytest.param("adam_mini", "torchrun", marks=pytest.mark.slow),
+    pytest.param("adamw+pc", "torchrun", marks=pytest.mark.slow)])
 def test_two_processes_give_the_one_process_losses(kjv_dir, tmp_path, optimizer, launcher):
     args = [*SMOKE, f"optimizer={optimizer.split('+')[0]}", *EXTRA.get(optimizer, [])]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -165,9 +171,15 @@ def test_distributed_step_matches_and_each_rank_does_its_share(tmp_path, name):
     # shares of ceil(n / 2) per shape bucket: 5 -> 3 + 2, 2 -> 1 + 1, 1 -> 1 + 0
     assert [r["work"] for r in results] == [5, 3] and sum(r["work"] for r in results) == ref_work
     for r in results:
+        # Each rank orthogonalizes a batch of 3 or 2 matrices where one process batches 5: other kernel
+        # blockings, so the updates lr O (|O| <= 1, lr <= 0.1) may differ by rounding, ~1e-6 of lr; a matrix
+        # that gets another's update, or none, is off by ~lr |O| ~ 1e-2. p ~ N(0, 1): atol 1e-6, rtol 1e-5.
         for p, q in zip(r["params"], ref_params):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-        for k, k_ref in zip(r["K"], ref_K):  # Newton-Muon: K from all ranks' inputs = the single-process K
+        # Newton-Muon: K from all ranks' inputs = the single-process K. With 2 ranks the all-reduce adds the
+        # same two partial Gram sums the single process adds (one addition): bit-identical in practice, and
+        # rtol 1e-6 (8 eps) allows a reduction in another order; without a rank's inputs K is O(1) off
+        for k, k_ref in zip(r["K"], ref_K):
             torch.testing.assert_close(k, k_ref, rtol=1e-6, atol=1e-7)
     for p, q in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(p, q)  # every rank applies the same gathered update
@@ -215,7 +227,7 @@ def test_multi_process_config_errors(tmp_path, world, extra, message):
 FSDP_RTOL = 1e-5
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "muon"])  # slow: make test-all
 def test_fsdp_two_processes_match_one_process(kjv_dir, tmp_path, optimizer):
     args = [*SMOKE, f"optimizer={optimizer}", "train.ckpt_every=0"] + (["optimizer.dtype=fp32"] if optimizer == "muon"
                                                                        else [])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_jsonl, run_train
+from conftest import logits_tol, read_jsonl, run_train
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
@@ -62,6 +62,8 @@ def test_scalar_map_matches_the_design_values():
     x = torch.linspace(0.0, 1.0, 10001, dtype=torch.float64)
     # pc_polynomial on a batch of 1x1 matrices is f itself: this checks the coded coefficients.
     fx = {level: pc_polynomial(x[:, None, None], level).flatten() for level in PC_COEFFS}
+    # fp64, |f| <= 1.1: Horner and the power sum round to ~(degree + 1) sum|c_k| eps <= 5e-14 (level 4; measured
+    # <= 3.6e-15); a coefficient off in its third decimal moves f by >= 1e-3
     for level in PC_COEFFS:
         assert abs(fx[level][-1].item() - 1.0) < 1e-12  # f(1) = 1: s maps to s
         assert torch.allclose(fx[level], f(x, level), rtol=0, atol=1e-12)
@@ -84,6 +86,8 @@ def test_effective_weight_maps_singular_values(level, shape):
         assert abs(s - 1e-7 - sigma[0].item()) < 1e-6 * s  # converged: f acts on σ / σ_max <= 1
         # The same singular vectors, singular values f(σ_i / s) · s · γ (sorted: f is not monotonic).
         ref = svd_reference(layer.weight, level, s, s * 1.3)
+        # fp64, entries O(0.1): measured <= 2.8e-16 (~10 eps of the scale), 1e-14 ~ 400 eps; a wrong singular
+        # vector or value moves entries by O(1e-3) or more
         assert (w_eff - ref).abs().max() < 1e-14
         got, want = torch.linalg.svdvals(w_eff), (f(sigma / s, level) * s * 1.3).sort(descending=True).values
         assert (got - want).abs().max() < 1e-14
@@ -123,7 +127,11 @@ def test_power_iteration_converges_and_stays_warm():
         sigma = torch.linalg.matrix_norm(pc.weight.double(), 2).item()
         return abs(pc.spectral_estimate().item() - 1e-7 - sigma) / sigma
 
-    assert rel_error(layer) < 1e-5  # measured 4.6e-6 (the build refreshes until s changes < 1e-6)
+    # The build refreshes until one refresh moves s by <= 1e-6 relative. What is left is convergence, not
+    # rounding: N(0, 0.02) 128 x 512 has a small gap, each refresh shrinks the error by q = 0.86 (measured), so
+    # when the rule stops the error is <= 1e-6 q / (1 - q) = 6e-6 (measured 4.6e-6 in fp32, 4.7e-6 for the
+    # same u, v in fp64: fp32 rounding of s adds only 7.5e-8).
+    assert rel_error(layer) < 1e-5
     with torch.no_grad():  # an optimizer-sized step: W changes by 1% (Frobenius)
         step = torch.randn_like(layer.weight)
         layer.weight.add_(step * (0.01 * layer.weight.norm() / step.norm()))
@@ -184,6 +192,7 @@ def test_gradient_flows_through_s(shape):
         d = torch.randn_like(w)
         fd = (reference_loss(w + eps * d, None) - reference_loss(w - eps * d, None)) / (2 * eps)
         autograd = (layer.weight.grad * d).sum().item()
+        # fp64 central difference, h = 1e-6: h^2 truncation + eps64 |L| / h rounding ~ 1e-10 relative
         assert abs(fd - autograd) < 1e-7 * abs(autograd)
         # The path through s matters: holding s fixed gives a different derivative.
         fixed = (reference_loss(w + eps * d, s0) - reference_loss(w - eps * d, s0)) / (2 * eps)
@@ -215,11 +224,13 @@ def test_trains_with_adamw_and_muon(optimizer):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0, losses  # ln(256) = 5.5 at the start
-    # The refreshes keep s near σ_max while W moves fast (lr 3e-3 on entries of 0.02): measured relative
-    # errors <= 2.5e-2 (AdamW), 6e-4 (Muon); harmless, f is flat near 1 (level 2: f(1.025) = 0.9999).
+    # The refreshes keep s near σ_max while W moves fast (lr 3e-3 on entries of 0.02). What s must meet: f
+    # flat near 1, so σ_max / s within 10% changes the top singular value by < 1% (level 2: f(0.9) = 1.008,
+    # f(1.1) = 1.006). Measured relative errors (2-core AMD EPYC, 2026-12-01): 2.5e-2 (AdamW), 3.7e-3 (Muon);
+    # without the refreshes 0.30 and 0.35.
     for layer in pc_layers(model):
         sigma = torch.linalg.matrix_norm(layer.weight.detach().double(), 2).item()
-        assert abs(layer.spectral_estimate().item() - sigma) < 5e-2 * sigma
+        assert abs(layer.spectral_estimate().item() - sigma) < 0.1 * sigma
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -237,9 +248,11 @@ def test_merged_and_hugging_face_models_match_the_pc_model(family):
     with torch.no_grad():
         ours = model(idx)[0]
         assert ours.abs().max() > 0.1
-        # fp32; measured max |diff|: merged 0 (the same W_eff); HF gpt2 <= 3.6e-7 (Conv1D addmm), llama 0.
-        assert (merged(idx)[0] - ours).abs().max() < 1e-5
-        assert (to_hf(model)(idx).logits - ours).abs().max() < 1e-5
+        # fp32; measured max |diff|: merged 0 (the same W_eff); HF gpt2 <= 3.6e-7 (Conv1D addmm), llama 0;
+        # conftest.logits_tol here ~1e-5 (90 eps of max|logit| ~ 1); a wrongly folded gain or bias is O(0.1)
+        tol = logits_tol(model, idx.shape[1], ours)
+        assert (merged(idx)[0] - ours).abs().max() < tol
+        assert (to_hf(model)(idx).logits - ours).abs().max() < tol
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -259,7 +272,7 @@ def load_script(name: str):
         sys.path.remove(str(ROOT / "scripts"))
 
 
-@pytest.mark.parametrize("model", ["gpt2_tiny", "llama_tiny"])
+@pytest.mark.parametrize("model", ["gpt2_tiny", pytest.param("llama_tiny", marks=pytest.mark.slow)])
 def test_cli_run_merge_and_export(kjv_dir, tmp_path, model):
     run = tmp_path / "run"
     run_train(run, f"model={model}", "model.pc_level=4", "data.val_tokens=1024")
@@ -278,5 +291,6 @@ def test_cli_run_merge_and_export(kjv_dir, tmp_path, model):
     idx = torch.randint(0, 4096, (2, 32))
     with torch.no_grad():
         ours = pc.eval()(idx)[0]
-        assert (merged(idx)[0] - ours).abs().max() < 1e-5
-        assert (hf(idx).logits - ours).abs().max() < 1e-5
+        tol = logits_tol(pc, idx.shape[1], ours)
+        assert (merged(idx)[0] - ours).abs().max() < tol
+        assert (hf(idx).logits - ours).abs().max() < tol

@@ -1,19 +1,23 @@
 """Regression guard for step cost (scripts/perf.py): on the CPU-tiny preset, each optimizer's step() time as
 a ratio to forward+backward (ratios, not absolute times: both slow down together on a busy machine) must stay
-under a generous bound, about 3x what was measured when the bound was set, so a slowdown cannot land
-unnoticed. Also the state-memory ratios, which do not depend on the machine."""
+under a generous bound, 5x the most that was measured, so a slowdown of several times cannot land unnoticed
+while another CPU or a busy machine can. Also the state-memory ratios, which do not depend on the machine."""
 
 import pytest
 
 from scripts import perf
 
-# step / fwd+bwd measured on cpu_tiny (2-core AMD EPYC, 2 threads, 2026-11-25): adamw 0.057, muon 0.125,
-# normuon 0.128, polargrad 0.448, newton_muon 0.121, adam_mini 0.053, soap 0.098, lion 0.016. After the fused
-# LM head and the QDWH rework (two runs, same day): adamw 0.050-0.063, muon 0.13-0.18, normuon 0.14-0.18,
-# polargrad 0.21-0.24, newton_muon 0.13-0.16, adam_mini 0.07-0.08, soap 0.11-0.12, lion 0.019-0.022; the
-# PolarGrad bound follows its new cost down (1.5 -> 0.7), the others keep theirs
-BOUND = {"adamw": 0.2, "muon": 0.4, "normuon": 0.4, "polargrad": 0.7, "newton_muon": 0.4, "adam_mini": 0.2,
-         "soap": 0.3, "lion": 0.1}
+# step / fwd+bwd measured on cpu_tiny, 2-core AMD EPYC. 2026-11-25, 2 threads, after the fused LM head and the
+# QDWH rework, two runs: adamw 0.050-0.063, muon 0.13-0.18, normuon 0.14-0.18, polargrad 0.21-0.24, newton_muon
+# 0.13-0.16, adam_mini 0.07-0.08, soap 0.11-0.12, lion 0.019-0.022. 2026-12-01, two runs each, 2 threads: adamw
+# 0.046-0.052, muon 0.12-0.13, normuon 0.12-0.14, polargrad 0.20-0.23, newton_muon 0.11-0.13, adam_mini
+# 0.065-0.073, soap 0.090-0.11, lion 0.018-0.021; 1 thread (OMP_NUM_THREADS=1): adamw 0.035-0.037, muon 0.092,
+# normuon 0.097-0.10, polargrad 0.16-0.17, newton_muon 0.088-0.091, adam_mini 0.048, soap 0.086-0.088, lion
+# 0.014-0.015. Other CPUs differ: on a Xeon with AMX and AVX512-BF16 PolarGrad measured 0.71, 3x this machine's
+# (its default back-end is due to change, which lowers its cost; the bound need not follow it down).
+MEASURED_MAX = {"adamw": 0.063, "muon": 0.18, "normuon": 0.18, "polargrad": 0.24, "newton_muon": 0.16,
+                "adam_mini": 0.08, "soap": 0.12, "lion": 0.022}
+BOUND = {name: 5 * m for name, m in MEASURED_MAX.items()}  # a regression guard, not a measurement
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +44,12 @@ def test_orthogonalization_flops_are_counted(tiny):
     """The predicted ratio is 5 NS steps' matmul FLOPs over fwd+bwd FLOPs; for d x d matrices and T tokens
     about 5 d / T (the issue's physics)."""
     m = tiny["optimizers"]["muon"]
-    assert m["ortho"]["flops"] > 0 and 0 < m["ortho_flops_over_matmul_peak"] < 2
-    assert 0.01 < m["predicted_step_over_fwd_bwd"] < 0.5
+    # A sanity bound on a ratio of two timings taken at different moments, not a measurement. 2026-12-01, 2-core
+    # AMD EPYC: 0.25 on an idle machine, 5.8 while another job shared the cores (the 0.1-s fp32 matmul probe
+    # of the denominator fell 12x, 190 -> 16 GFLOP/s); in bf16 the rate may also beat the fp32 peak (here bf16
+    # matmuls run 2.2x fp32's, more with AMX). 50 still catches a unit slip (ms for s, GFLOP for FLOP: 1000x).
+    assert m["ortho"]["flops"] > 0 and 0 < m["ortho_flops_over_matmul_peak"] < 50
+    assert 0.01 < m["predicted_step_over_fwd_bwd"] < 0.5  # FLOP counts only (0.065): no timing in it
 
 
 def test_mfu_and_training_step_over_adamw(tiny):
@@ -52,7 +60,9 @@ def test_mfu_and_training_step_over_adamw(tiny):
     assert tiny["compiled"] is cuda  # train.py's choice: compiled on CUDA, eager on a CPU
     assert tiny["precision"] == ("bf16" if cuda else "fp32")
     assert tiny["model_tflops"] * 1e12 == pytest.approx(tiny["fwd_bwd_flops"] / tiny["fwd_bwd_s"])
-    assert 0.01 < tiny["mfu_vs_measured_matmul"] < 2
+    # sanity only: 0.39 measured (2 threads, idle, 2026-12-01); the probe's rate moves 12x when the machine is
+    # shared (above), either way; a unit slip (1000x) still falls outside
+    assert 1e-3 < tiny["mfu_vs_measured_matmul"] < 50
     if not cuda:
         assert tiny["mfu_vs_datasheet_bf16"] is None
     fb, o = tiny["fwd_bwd_s"], tiny["optimizers"]

@@ -19,7 +19,7 @@ def test_warmup_then_constant():
 def test_cosine_exact():
     f = factors(10, name="cosine", warmup_frac=0.2, min_lr_frac=0.1)
     assert f[:2] == [0.5, 1.0]
-    # after warmup p = (s - 2) / 8
+    # after warmup p = (s - 2) / 8; the same formula in fp64, associated differently: a few ulps (2.2e-16) at 1
     for s in range(2, 10):
         p = (s - 2) / 8
         assert f[s] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)), abs=1e-15)

@@ -52,7 +52,9 @@ def test_run_writes_self_describing_records(smoke_run):
     env_rate = json.loads((run_dir / "env.json").read_text())["matmul_gflops"]["float32"]
     assert summary["mfu_vs_measured_matmul"] == pytest.approx(
         summary["tokens_per_s"] * summary["flops_per_token"] / 1e9 / env_rate)
-    assert 0 < summary["mfu_vs_measured_matmul"] < 1.5
+    # sanity only: 0.55 measured (1 thread, 2-core AMD EPYC, 2026-12-01), but the denominator is a 0.1-s matmul
+    # probe at start-up that a job sharing the cores slows 12x (tests/test_perf.py); a unit slip is 1000x
+    assert 0 < summary["mfu_vs_measured_matmul"] < 50
     assert 0 < summary["optimizer_step_time_s"] < summary["train_time_s"]
     assert summary["optimizer_step_share"] == pytest.approx(summary["optimizer_step_time_s"] / summary["train_time_s"])
     for key in ("steps_to_target", "tokens_to_target", "train_time_to_target_s"):
@@ -151,6 +153,7 @@ def test_wandb_offline_logs_and_failure_keeps_local_records(kjv_dir, tmp_path, m
     assert json.loads((tmp_path / "on" / "summary.json").read_text())["steps"] == 12
 
 
+@pytest.mark.slow  # ~12 s; the workload issue replaces these workloads (`make test-all` runs it)
 def test_bench_workload_learns_well_below_unigram_entropy(kjv_dir, tmp_path):
     """The `make bench` workload (bench_micro: GPT-2 micro, 200 steps x 1,024 tokens) with AdamW's defaults:
     the model must beat the best context-free predictor (unigram entropy, 6.0 nats) by more than 1 nat."""
