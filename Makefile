@@ -7,7 +7,7 @@ DATA    := data/cache/kjv/meta.json
 ARGS    ?=
 NPROC   ?= 2
 
-.PHONY: help setup data bench bench-hour ddp perf test test-all lint clean-venv
+.PHONY: help setup data bench bench-hour ddp perf gpu-check test test-all lint clean-venv
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ bench-hour: $(DATA)  ## the larger CPU benchmark: 9 methods x (5 trials + 3 seed
 
 perf: $(DATA)  ## step-cost benchmark on the CPU-small preset (~4 min): results/perf/cpu_small.{json,md}
 	$(PY) scripts/perf.py cpu_small $(ARGS)
+
+gpu-check: $(DATA)  ## on one CUDA GPU (<= 8 min): env, perf gpt2_124m, 30-step runs of every optimizer, torchrun, FSDP refusal: results/gpu/<gpu>.{json,md}
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 ddp: $(DATA)  ## train.py on NPROC (2) processes via torchrun (gloo on CPU, nccl on GPUs); ARGS must set hydra.run.dir
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train.py $(ARGS)
