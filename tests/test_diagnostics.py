@@ -409,6 +409,7 @@ def test_diagnostics_leave_training_bit_identical(kjv_dir, tmp_path, case):
         assert "eff_update_stable_rank" in recs[0]["matrices"]["L0.mlp_up"]
 
 
+@pytest.mark.slow  # ~16 s; resume and diagnostics each keep their default-suite tests (`make test-all`)
 def test_diagnostics_survive_a_resume(kjv_dir, tmp_path):
     """Killed after step 7 (checkpoint at 6) and relaunched: diagnostics.jsonl is cut back to step 4 and ends
     with the same records as an uninterrupted run (costs aside)."""
