@@ -207,10 +207,11 @@ def qdwh_ns(G: torch.Tensor, steps: int = 2, dtype: torch.dtype | None = None,
     I + c X^T X has condition number up to 1 + c = 2.7e9) runs in fp64 (Gram, Cholesky inverse, product) and
     hands its output on in fp64; the second (condition number <= 578) runs in fp32. Each update is one
     product X H, H = (b/c) I + (a - b/c) (I + c X^T X)^-1. Max entry error against an fp64 QR-form evaluation
-    of the recipe on the same fp32 input (tests/test_ortho.py): 3.7e-7 on Gaussian input, 4.7e-6 at condition
-    number 1e4 (both iterations in fp64, fp64_above=100: 9.2e-8 and 4.7e-6; the reference's own all-fp32 QR:
-    3.9e-7 and 9.2e-5). Products in fp32 after an fp64 factorization reach 1e-3 at condition 1e4 (the first
-    iteration amplifies errors ~1e5-fold); an fp32 Cholesky fails outright there. Cost: README "Performance".
+    of the recipe on the same fp32 input (tests/test_ortho.py's recipe_fp64; 3 seeds x 256x64, 64x256,
+    128x128, 512x128, 128x512; measured 2026-12-01): 2.7e-7 on Gaussian input, 6.0e-6 at condition number 1e4
+    (both iterations in fp64, fp64_above=100: 7.0e-8 and 6.0e-6; the reference's form, an fp32 QR per
+    iteration: 2.6e-7 and 1.6e-4). The first iteration's products in fp32 after an fp64 factorization reach
+    1.0e-3 at condition 1e4 (that iteration amplifies errors). Cost: README "Performance".
     """
     X, work, wide = _qdwh_start(G, dtype)
     schedule = _qdwh_schedule(torch.finfo(work).eps, steps)

@@ -247,8 +247,7 @@ def test_qdwh_ns_matches_fp64_reference(shape, kind):
     #     few eps32 per unit of the output's Frobenius norm sqrt(n), taken as 16 eps32 sqrt(n) (measured 1.5-7.3
     #     eps32 sqrt(n) over Gaussian and condition-1e2 inputs, where term (1) is small).
     # Measured error / tolerance here: 0.04-0.11 (0.008-0.08 with both iterations in fp64, fp64_above=100);
-    # max entry errors 3.7e-7 (Gaussian) and 4.7e-6 (condition number 1e4, where term (1) dominates). A third
-    # iteration (steps=3) is 1e3-8e4 tolerances away; all-fp32 iterations fail (fp32 Cholesky of I + 2.7e9 X^T X).
+    # term (1) dominates at condition number 1e4. A third iteration (steps=3) is 1e3-8e4 tolerances away.
     G = recipe_input(kind, shape, seed=7)
     O = qdwh_ns(G)
     assert O.shape == G.shape and O.dtype == torch.float32
