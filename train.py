@@ -134,7 +134,10 @@ def train(run: Run) -> dict:
                  "matmul_gflops": rates, "workload_hash": run.workload_hash,
                  "overrides": list(HydraConfig.get().overrides.task)}
     resumes = []
-    if run.resume is not None:  # continue from the checkpoint; env.json keeps the first launch's facts
+    if run.branch_start:  # a cooldown branch: a resume from the parent's checkpoint, into a new record
+        resumes = list(run.resume[1].get("resumes", []))  # the parent's own resumes before the branch step
+        env_extra["branch"] = run.branch
+    elif run.resume is not None:  # continue from the checkpoint; env.json keeps the first launch's facts
         ckpt_path, state = run.resume
         resumes = [*state.get("resumes", []), checkpoint.resume_note(ckpt_path, state, code_version())]
         env_extra = {**_read_json(run.run_dir / "env.json"), "resumes": resumes}
@@ -143,9 +146,10 @@ def train(run: Run) -> dict:
                   f"{resumes[-1]['code']}: bit-exact continuation holds only for the same code", file=sys.stderr)
     if main:
         atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.resolved))
-        atomic_write_json(run.run_dir / "env.json", env_extra if run.resume else environment(device, env_extra))
+        own_resume = run.resume is not None and not run.branch_start
+        atomic_write_json(run.run_dir / "env.json", env_extra if own_resume else environment(device, env_extra))
         print(banner(run), flush=True)
-    wb = init_wandb(run, run.resume[1].get("wandb_id") if run.resume else None) if main else None
+    wb = init_wandb(run, run.resume[1].get("wandb_id") if run.resume and not run.branch_start else None) if main else None
     log = MetricsLog(run.run_dir / "metrics.jsonl", write=main)
 
     def wb_log(values: dict, step: int) -> None:
@@ -179,7 +183,10 @@ def train(run: Run) -> dict:
         log.flush()
         if diag is not None:
             diag.truncate(state["step"])  # likewise diagnostics.jsonl
-        if main:
+        if main and run.branch_start:
+            print(f"branched from {ckpt_path} at step {state['step']} (parent train.max_steps="
+                  f"{run.branch['parent_max_steps']}, this run's {t.max_steps})", flush=True)
+        elif main:
             print(f"resumed from {ckpt_path} at step {state['step']} ({len(resumes)} resume(s) so far)", flush=True)
     elif 0 in evals:
         val = evaluate(run, fast)
@@ -194,7 +201,7 @@ def train(run: Run) -> dict:
             "workload_hash": run.workload_hash, "config": run.resolved, "code": code_version(),
             "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "rng": checkpoint.rng_state(),
             "loop": dict(loop), "metrics": list(log.lines), "resumes": resumes,
-            "wandb_id": getattr(wb, "id", None)}, keep=t.ckpt_keep)
+            "wandb_id": getattr(wb, "id", None), "branch": run.branch}, keep=t.ckpt_keep, pinned=t.ckpt_steps)
 
     bar = tqdm(total=t.max_steps, initial=start - 1, disable=not (t.progress and main), mininterval=1.0, dynamic_ncols=True)
     step = start - 1
@@ -259,7 +266,7 @@ def train(run: Run) -> dict:
                 t_diag = time.perf_counter()
                 wb_log(flat_for_wandb(diag.after_step(step, tokens)), step)
                 loop["diag_time"] += time.perf_counter() - t_diag
-            if t.ckpt_every and step % t.ckpt_every == 0 and step < t.max_steps:
+            if (t.ckpt_every and step % t.ckpt_every == 0 and step < t.max_steps) or step in t.ckpt_steps:
                 save_checkpoint(step)  # outside the training clock, like evaluation (protocol.md)
             if step == KILL_AT_STEP:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -312,6 +319,7 @@ def train(run: Run) -> dict:
         "lr_calibration": next((g["lr_calibration"] for g in opt.param_groups if "lr_calibration" in g), None),
         "seed": cfg.seed, "data_seed": cfg.data.seed, "experiment": cfg.experiment,
         "resumes": resumes, "resumed_from_steps": [r["from_step"] for r in resumes],
+        "branch": run.branch,  # a cooldown branch: {"from": parent run dir, "step", ...}; None for other runs
         # harness/diagnostics.py: seconds spent on diagnostics, outside train_time_s (0 when they are off)
         "diagnostics_time_s": loop.get("diag_time", 0.0), "diagnostics_every": cfg.diagnostics.every,
     })
@@ -321,7 +329,8 @@ def train(run: Run) -> dict:
         tmp.replace(run.run_dir / "model_final.pt")
     atomic_write_json(run.run_dir / "summary.json", summary)
     if not t.ckpt_keep_final:
-        checkpoint.remove_all(run.run_dir)  # the records are complete: model_final.pt is the run's weights
+        # the records are complete: model_final.pt is the run's weights (train.ckpt_steps' are kept for branches)
+        checkpoint.remove_all(run.run_dir, pinned=t.ckpt_steps)
     if run.lock is not None:
         run.lock.release(remove=True)
     if wb is not None:

@@ -15,6 +15,9 @@ Re-launching the same command on the same run directory resumes from the newest 
 It is refused, with one line naming the file and the problem, when the checkpoint is unreadable
 (truncated), of another format version, of another workload (hash), or of another config (a changed
 hyperparameter); the run directory is left as it is.
+
+Checkpoints after the steps listed in train.ckpt_steps are pinned: never rotated away, never deleted when the
+run completes. A cooldown branch (train.branch_from, harness/branch.py) starts from one of them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,7 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 # Config keys that may differ between the interrupted launch and the resuming one: they change how the run
 # is watched or where it runs, never what it computes.
 RUNTIME_KEYS = ("train.progress", "train.threads", "train.skip_complete", "train.ckpt_every", "train.ckpt_keep",
-                "train.ckpt_keep_final", "train.resume", "train.save_final", "wandb", "diagnostics")
+                "train.ckpt_keep_final", "train.ckpt_steps", "train.resume", "train.save_final", "wandb", "diagnostics")
 
 
 class CheckpointError(ValueError):
@@ -47,6 +51,15 @@ def checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / DIR
     found = [p for p in folder.iterdir() if _NAME.match(p.name)] if folder.is_dir() else []
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def path_of(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint after `step` steps lives (whether or not it exists)."""
+    return Path(run_dir) / DIR / f"step_{step:08d}.pt"
+
+
+def step_of(path: Path) -> int:
+    return int(_NAME.match(Path(path).name).group(1))
 
 
 def rng_state() -> dict[str, Any]:
@@ -71,12 +84,13 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save(run_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+def save(run_dir: Path, step: int, payload: dict[str, Any], keep: int, pinned: Collection[int] = ()) -> Path:
     """Write step_<step>.pt atomically (temporary file, fsync, rename, fsync of the folder), then delete all
-    but the newest `keep` checkpoints. A kill at any moment leaves the previous checkpoints intact."""
+    but the newest `keep` checkpoints, those of the `pinned` steps (train.ckpt_steps) excepted: they are neither
+    deleted nor counted. A kill at any moment leaves the previous checkpoints intact."""
     folder = Path(run_dir) / DIR
     folder.mkdir(exist_ok=True)
-    path = folder / f"step_{step:08d}.pt"
+    path = path_of(run_dir, step)
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -92,17 +106,18 @@ def save(run_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
         os.fsync(fd)
     finally:
         os.close(fd)
-    for old in checkpoints(run_dir)[:-keep]:
+    for old in [p for p in checkpoints(run_dir) if step_of(p) not in pinned][:-keep]:
         old.unlink(missing_ok=True)
     return path
 
 
-def remove_all(run_dir: Path) -> None:
-    """Delete the run's checkpoints (and stale temporary files) once its records are complete."""
+def remove_all(run_dir: Path, pinned: Collection[int] = ()) -> None:
+    """Delete the run's checkpoints (and stale temporary files) once its records are complete, those of the
+    `pinned` steps (train.ckpt_steps: branches start from them) excepted."""
     folder = Path(run_dir) / DIR
     if folder.is_dir():
         for p in folder.iterdir():
-            if _NAME.match(p.name) or p.name.endswith(".tmp"):
+            if (_NAME.match(p.name) and step_of(p) not in pinned) or p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
         if not any(folder.iterdir()):
             folder.rmdir()
@@ -118,6 +133,11 @@ def load_latest(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     path, older = found[-1], found[:-1]
     hint = (f"; move it away to resume from {older[-1].name}" if older else
             "; move it away (or the run directory) to start afresh")
+    return path, load(path, hint)
+
+
+def load(path: Path, hint: str = "") -> dict[str, Any]:
+    """One checkpoint's payload, checked for readability, format and completeness (CheckpointError if not)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncation shows as several error types (EOF, zip, unpickling)
@@ -132,7 +152,7 @@ def load_latest(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(sorted(missing))} (incompatible code version)"
                               f"{hint}")
-    return path, payload
+    return payload
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -144,12 +164,13 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: saved -> current` for every config value that differs, runtime-only keys excepted."""
+def config_changes(saved: dict[str, Any], current: dict[str, Any], ignore: Collection[str] = RUNTIME_KEYS) -> list[str]:
+    """`key: saved -> current` for every config value that differs (sorted by key), the `ignore` keys (and
+    everything under them; default: the runtime-only keys) excepted."""
     a, b = _flat(saved), _flat(current)
 
     def runtime(key: str) -> bool:
-        return any(key == r or key.startswith(r + ".") for r in RUNTIME_KEYS)
+        return any(key == r or key.startswith(r + ".") for r in ignore)
 
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(a.keys() | b.keys())
             if not runtime(k) and a.get(k, "<absent>") != b.get(k, "<absent>")]

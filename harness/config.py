@@ -23,20 +23,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
 from harness.diagnostics import DiagnosticsConfig
-from harness.schedule import SCHEDULES
+from harness.schedule import SCHEDULES, ScheduleConfig  # ScheduleConfig is defined there, re-exported here
 from models.config import ModelConfig
+from optimizers.hybrid import SharedGroup
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line naming the key."""
-
-
-@dataclass
-class ScheduleConfig:
-    name: str = "cosine"  # constant | cosine | linear | wsd
-    warmup_frac: float = 0.0  # fraction of max_steps with linear warmup
-    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine, linear, wsd)
-    decay_frac: float = 0.2  # wsd only: fraction of max_steps spent in the final decay
 
 
 @dataclass
@@ -77,6 +70,23 @@ class TrainConfig:
     ckpt_keep: int = 2
     ckpt_keep_final: bool = False
     resume: bool = True
+    # Extra checkpoints after exactly these steps (the state after s updates), never rotated away by ckpt_keep
+    # nor deleted when the run completes: the starting points of cooldown branches (below).
+    ckpt_steps: list[int] = field(default_factory=list)
+    # Cooldown branch (protocol v2: end-of-schedule losses at budgets B1 < B2 < ... from one long WSD run): start
+    # this run, in a new run directory, from the checkpoint after branch_step steps of the run directory
+    # branch_from (launched with train.ckpt_steps=[branch_step]), as a resume would, with this run's max_steps.
+    # Its metrics.jsonl begins with the parent's records up to branch_step, its clocks include the parent's time;
+    # summary.json and env.json record "branch". Refused before any compute unless the parent's config equals this
+    # one in everything but max_steps, ckpt_*, branch_*, progress, logger (wandb.*), name and bench.phase/trial
+    # (harness/branch.py BRANCH_KEYS), and both lr schedules
+    # agree on every step < branch_step: use schedule=wsd with a fixed schedule.warmup_steps and branch_step =
+    # B - round(schedule.decay_frac * B) for budget B. Example (parent: 40 steps, branch to 20 from step 16):
+    #   python train.py schedule=wsd schedule.warmup_steps=2 train.max_steps=40 'train.ckpt_steps=[16]' hydra.run.dir=P
+    #   python train.py schedule=wsd schedule.warmup_steps=2 train.max_steps=20 train.branch_from=P \
+    #       train.branch_step=16 hydra.run.dir=P_b20
+    branch_from: str | None = None
+    branch_step: int = 0
 
 
 @dataclass
@@ -99,7 +109,7 @@ class BenchTag:
 
     name: str | None = None  # the benchmark (conf/bench/<name>.yaml)
     arm: str | None = None  # the compared method: an optimizer plus method options (e.g. adamw_pc)
-    phase: str | None = None  # tune | seed | diag (the seed runs again, with diagnostics on)
+    phase: str | None = None  # tune | cert | seed | branch | diag (bench/plan.py)
     trial: str | None = None  # the setting's id within the arm's grid (e.g. "optimizer.lr=0.003")
 
 
@@ -113,6 +123,10 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     bench: BenchTag = field(default_factory=BenchTag)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # harness/diagnostics.py
+    # Protocol v2's shared group (optimizers/hybrid.py): one AdamW for embeddings, head and gains/biases in every
+    # arm, replacing each optimizer's own `aux`; the optimizer under test keeps only the hidden matrices. Enabled
+    # by every benchmark (conf/bench/*.yaml `hybrid:`); off (default) = each optimizer as its config declares.
+    hybrid: SharedGroup = field(default_factory=SharedGroup)
     seed: int = 0  # model-initialisation seed; the data order has its own data.seed
     name: str = "run"  # free-form label, used in the default run directory
     experiment: str | None = None  # set by conf/experiment/*.yaml to its own name
@@ -191,6 +205,8 @@ def validate(cfg: Config) -> Any:
         raise ConfigError(f"schedule.name: {s.name!r} is not one of {', '.join(SCHEDULES)}")
     if not 0.0 <= s.warmup_frac < 1.0:
         raise ConfigError(f"schedule.warmup_frac: must be in [0, 1) (got {s.warmup_frac})")
+    if s.warmup_steps is not None and not 0 <= s.warmup_steps < t.max_steps:
+        raise ConfigError(f"schedule.warmup_steps: must be in [0, train.max_steps={t.max_steps}) (got {s.warmup_steps})")
     if not 0.0 <= s.min_lr_frac <= 1.0:
         raise ConfigError(f"schedule.min_lr_frac: must be in [0, 1] (got {s.min_lr_frac})")
     if not 0.0 < s.decay_frac <= 1.0:
@@ -206,6 +222,14 @@ def validate(cfg: Config) -> Any:
         raise ConfigError(f"train.diverge_patience: must be >= 1 (got {t.diverge_patience})")
     _positive("train.ckpt_every", t.ckpt_every, strict=False)
     _positive("train.ckpt_keep", t.ckpt_keep)
+    for step in t.ckpt_steps:
+        if not 0 < step < t.max_steps:
+            raise ConfigError(f"train.ckpt_steps: {step} is not in (0, train.max_steps={t.max_steps})")
+    if t.branch_from is None and t.branch_step:
+        raise ConfigError(f"train.branch_step: {t.branch_step} without train.branch_from (the run to branch from)")
+    if t.branch_from is not None and not 0 < t.branch_step < t.max_steps:
+        raise ConfigError(f"train.branch_step: must be in (0, train.max_steps={t.max_steps}) (got {t.branch_step}); a "
+                          "branch continues its parent after branch_step steps and ends at its own max_steps")
     if not t.diverge_factor > 1.0:
         raise ConfigError(f"train.diverge_factor: must be > 1 (got {t.diverge_factor})")
     d = cfg.diagnostics
@@ -217,6 +241,11 @@ def validate(cfg: Config) -> Any:
         raise ConfigError(f"diagnostics.noise_pieces: the step's single micro-batch of {t.micro_batch_size} sequences "
                           f"cannot be cut into {d.noise_pieces} equal pieces for the gradient-noise estimate; pick a "
                           "divisor (or diagnostics.noise=false)")
-    if cfg.bench.phase not in (None, "tune", "seed", "diag"):
-        raise ConfigError(f"bench.phase: {cfg.bench.phase!r} is not tune, seed or diag")
+    if cfg.hybrid.enabled:
+        try:
+            cfg.hybrid.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.bench.phase not in (None, "tune", "cert", "seed", "branch", "diag"):
+        raise ConfigError(f"bench.phase: {cfg.bench.phase!r} is not tune, cert, seed, branch or diag")
     return build_optimizer_spec(cfg.optimizer)

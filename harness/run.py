@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.loader import TokenData
+from harness import branch as branching
 from harness import checkpoint
 from harness.checkpoint import CheckpointError
 from harness.config import Config, ConfigError, validate, world_size
@@ -30,7 +31,7 @@ from harness.records import REPO, workload_hash
 from harness.schedule import eval_steps
 from models import ROLE_GROUP, build_model
 from optimizers.groups import ParamSplit, split_parameters
-from optimizers.hybrid import Hybrid
+from optimizers.hybrid import Hybrid, build_optimizer
 
 RECORD_FILES = ("summary.json", "metrics.jsonl", "model_final.pt", "diagnostics.jsonl")
 LOCK_FILE = ".lock"
@@ -60,6 +61,10 @@ class Run:
     workload: dict[str, Any]
     workload_hash: str
     resume: tuple[Path, dict[str, Any]] | None = None  # (checkpoint file, its payload) when continuing a run
+    # A cooldown branch (train.branch_from, harness/branch.py): its record ({"from", "step", "parent_workload_hash",
+    # "parent_max_steps"}), and whether this launch starts it from the parent's checkpoint (then that is `resume`)
+    branch: dict[str, Any] | None = None
+    branch_start: bool = False
     dist: Dist = field(default_factory=Dist)  # rank, world size, collectives (harness/distributed.py)
     lock: RunLock | None = None  # held by rank 0 while the run writes its directory
     diagnostics: Diagnostics | None = None  # diagnostics.every > 0, rank 0 only (harness/diagnostics.py)
@@ -145,14 +150,17 @@ def check_run_dir(run_dir: Path, skip_complete: bool = False, resuming: bool = F
 
 
 def workload_of(cfg: Config, data: TokenData) -> dict[str, Any]:
-    """The fields that define a workload (protocol.md): results are only compared within one. The PC layer's
+    """The fields that define a workload (protocol.md), the shared group's settings included: results are only
+    compared within one. The PC layer's
     `model.pc_*` options are excluded: the PC layer is compared as a method on the same workload (its
     runs record pc_level in their summary)."""
     t = cfg.train
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if not k.startswith("pc_")}
     return {"model": model, "data": data.identity(), "seq_len": t.seq_len,
             "global_batch_tokens": t.global_batch_size * t.seq_len, "max_steps": t.max_steps,
-            "val_tokens": data.num_val_tokens, "eval_steps": eval_steps(t), "target_loss": t.target_loss}
+            "val_tokens": data.num_val_tokens, "eval_steps": eval_steps(t), "target_loss": t.target_loss,
+            # the shared group is part of the workload (protocol v2); absent when off (older hashes unchanged)
+            **({"hybrid": dataclasses.asdict(cfg.hybrid)} if cfg.hybrid.enabled else {})}
 
 
 def setup(dcfg: DictConfig, run_dir: Path) -> Run | dict:
@@ -191,8 +199,12 @@ def _setup(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: torc
                 raise
             if dist.main:
                 move_aside(run_dir, f"{e}")  # a benchmark survives a damaged checkpoint: rerun that run afresh
+    branch_start = done is None and resume is None and t.branch_from is not None
+    if branch_start:  # a new branch: resumed from its parent's checkpoint, into this (fresh) run directory
+        resume = branching.load_parent(cfg, run_dir)
     if done is None:  # a complete run (skip_complete) is compared by workload below, never touched
-        check_run_dir(run_dir, skip_complete=t.skip_complete, resuming=resume is not None, writer=dist.main)
+        check_run_dir(run_dir, skip_complete=t.skip_complete, resuming=resume is not None and not branch_start,
+                      writer=dist.main)
     if lock is not None and not lock.path.exists():  # the broken run was moved aside with its lock file
         lock.release()
         lock = RunLock(run_dir)
@@ -210,7 +222,10 @@ def _setup(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: torc
                              f"({done['workload_hash'][:12]}); results of different workloads are never mixed")
         return done
     resolved = OmegaConf.to_container(dcfg, resolve=True)
-    if resume is not None:
+    branch = resume[1].get("branch") if resume is not None else None  # a branch's own checkpoint carries it
+    if branch_start:
+        branch = branching.check_parent(*resume, cfg, resolved, lambda c: workload_hash(workload_of(c, data)))
+    elif resume is not None:
         checkpoint.check_compatible(*resume, workload_hash(workload), resolved)
 
     torch.manual_seed(cfg.seed)
@@ -218,7 +233,7 @@ def _setup(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: torc
     if dist.fsdp:
         dist.shard(model, device)  # before the optimizer: it must hold the sharded parameters
     split = split_parameters(model.named_parameters(), model.param_roles(), ROLE_GROUP, model.attn_layout())
-    optimizer = spec.build(split)
+    optimizer = build_optimizer(spec, split, cfg.hybrid)
     for group in optimizer.param_groups:  # the schedule scales this peak value at every step
         group["peak_lr"] = group["lr"]
     input_hooks = InputHooks.attach(model, optimizer, split.params("hidden"))
@@ -237,7 +252,7 @@ def _setup(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: torc
                data=data, model=model, split=split, optimizer=optimizer, input_hooks=input_hooks, world_size=dist.world, grad_accum=grad_accum,
                tokens_per_step=tokens_per_step, eval_steps=workload["eval_steps"], workload=workload,
                workload_hash=workload_hash(workload), resume=resume, dist=dist, lock=lock,
-               diagnostics=diagnostics)
+               diagnostics=diagnostics, branch=branch, branch_start=branch_start)
 
 
 def check_fsdp(cfg: Config, spec: Any) -> None:
@@ -256,6 +271,9 @@ def check_fsdp(cfg: Config, spec: Any) -> None:
     if cfg.train.ckpt_every:
         raise SetupError("train.ckpt_every: checkpoints of train.parallel=fsdp runs are not implemented; set "
                          "train.ckpt_every=0 (or use train.parallel=ddp)")
+    if cfg.train.ckpt_steps or cfg.train.branch_from is not None:
+        raise SetupError(f"train.{'ckpt_steps' if cfg.train.ckpt_steps else 'branch_from'}: checkpoints (and so "
+                         "cooldown branches) of train.parallel=fsdp runs are not implemented; use train.parallel=ddp")
 
 
 def load_state(path: Path, payload: dict[str, Any], model: torch.nn.Module, optimizer) -> None:
@@ -304,6 +322,8 @@ def banner(run: Run) -> str:
         "param groups (every trainable parameter claimed once):",
         run.split.describe(),
         f"optimizer    {optimizer_name(run.optimizer)} {run.cfg.optimizer}",
+        *([f"shared group {run.cfg.hybrid.adamw()} on embeddings, head, gains/biases (hybrid; replaces any aux)"]
+          if run.cfg.hybrid.enabled else []),
         (f"batch        {t.global_batch_size} seq x {t.seq_len} tok = {run.tokens_per_step:,} tokens/step "
          f"({t.micro_batch_size} micro x {run.grad_accum} accum x {run.world_size} proc)"),
         (f"budget       {t.max_steps} steps = {t.max_steps * run.tokens_per_step:,} tokens, "

@@ -5,27 +5,50 @@ schedule config), and the evaluation steps depend only on the workload, never on
 
     >>> lr_factor(0, 100, ScheduleConfig(name="cosine", warmup_frac=0.1))
     0.1
+
+This module depends on nothing else of the harness (harness/config.py imports ScheduleConfig from here).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from harness.config import ScheduleConfig, TrainConfig
+from dataclasses import dataclass
+from typing import Protocol
 
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 
 
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # constant | cosine | linear | wsd
+    warmup_frac: float = 0.0  # fraction of max_steps with linear warmup
+    # Absolute warmup length in steps; when set it replaces warmup_frac x max_steps. Cooldown branches
+    # (train.branch_from) and their parent must share the warmup, which a fraction of two budgets would not.
+    warmup_steps: int | None = None
+    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (cosine, linear, wsd)
+    decay_frac: float = 0.2  # wsd only: fraction of max_steps spent in the final decay
+
+
+class EvalPlan(Protocol):
+    """What eval_steps reads (harness.config.TrainConfig has these fields)."""
+
+    max_steps: int
+    eval_every: int
+    eval_dense_every: int
+    eval_dense_frac: float
+
+
 def warmup_steps(max_steps: int, sched: ScheduleConfig) -> int:
+    if sched.warmup_steps is not None:
+        return sched.warmup_steps
     return round(sched.warmup_frac * max_steps)
 
 
 def lr_factor(step: int, max_steps: int, sched: ScheduleConfig) -> float:
     """Multiplier of each group's base lr for the update taken at step `step` (0-based, < max_steps).
 
-    warmup: (step + 1) / W for step < W, so the first update is not taken at lr 0.
+    warmup: (step + 1) / W for step < W, so the first update is not taken at lr 0; W = schedule.warmup_steps,
+            or round(warmup_frac * max_steps) when that is unset.
     After warmup, with p = (step - W) / (max_steps - W) in [0, 1) and m = min_lr_frac:
       constant: 1
       cosine:   m + (1 - m) * (1 + cos(pi * p)) / 2
@@ -55,7 +78,7 @@ def lr_factor(step: int, max_steps: int, sched: ScheduleConfig) -> float:
     raise ValueError(f"schedule.name: unknown schedule {sched.name!r} (choose from {', '.join(SCHEDULES)})")
 
 
-def eval_steps(train: TrainConfig) -> list[int]:
+def eval_steps(train: EvalPlan) -> list[int]:
     """Steps (number of updates done) after which the validation loss is measured.
 
     Step 0 (the initial model), every `eval_every` steps, every `eval_dense_every` steps within the last

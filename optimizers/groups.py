@@ -51,6 +51,10 @@ class ParamSplit:
     def params(self, group: str) -> list[torch.nn.Parameter]:
         return [p.param for p in self.groups[group]]
 
+    def only(self, *groups: str) -> ParamSplit:
+        """The same split with every other group emptied (a whole-model method restricted to some groups)."""
+        return ParamSplit({g: list(v) if g in groups else [] for g, v in self.groups.items()}, dict(self.layout))
+
     def counts(self) -> dict[str, tuple[int, int]]:
         """group -> (number of tensors, number of scalars)."""
         return {g: (len(ps), sum(p.param.numel() for p in ps)) for g, ps in self.groups.items()}

@@ -5,10 +5,18 @@ go to AdamW (Keller Jordan's MuonWithAuxAdam, Moonlight). The split comes from o
 same for every method, so a spec's build() is one line:
 
     return with_aux_adamw(Muon(split.params("hidden"), lr=self.lr, ...), split, self.aux)
+
+Protocol v2's shared group (`hybrid` in the run config, set by every benchmark): one AdamW with one set of
+settings trains embeddings, head and gains/biases in every arm, so the arm under test owns only the hidden
+matrices. `build_optimizer` applies it to any spec: a matrix method's own auxiliary AdamW is replaced by the
+shared one, a whole-model method (AdamW, Adam-mini, Lion, a user's optimizer) is built on the hidden group
+alone and paired with it. Without `hybrid` (a user's own run) every spec builds as it declares.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -72,3 +80,40 @@ def with_aux_adamw(matrix: torch.optim.Optimizer, split: ParamSplit, aux: AdamWS
     """`matrix` (already built over split.params("hidden")) plus AdamW over the other groups."""
     has_aux = any(split.groups[g] for g in AUX_GROUPS)
     return Hybrid(matrix, aux.build(split, groups=AUX_GROUPS) if has_aux else None)
+
+
+@dataclass
+class SharedGroup:
+    """The `hybrid` section of a run config: protocol v2's shared AdamW of embeddings, head and gains/biases.
+    Off by default (each optimizer as its config declares); the values default to torch.optim.AdamW's own."""
+
+    enabled: bool = False
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # decoupled, on decay_groups only (never gains/biases)
+    decay_groups: list[str] = field(default_factory=lambda: ["embedding", "head"])
+    fused: bool | None = None
+
+    def adamw(self) -> AdamWSpec:
+        return AdamWSpec(lr=self.lr, betas=list(self.betas), eps=self.eps, weight_decay=self.weight_decay,
+                         decay_groups=list(self.decay_groups), fused=self.fused)
+
+    def validate(self, key: str = "hybrid") -> None:
+        """AdamW's checks; the shared group never owns (or decays) the hidden matrices."""
+        self.adamw().validate(key)
+        if "hidden" in self.decay_groups:
+            raise ValueError(f"{key}.decay_groups: the shared group does not own the hidden matrices (the arm "
+                             f"under test does); choose from {', '.join(AUX_GROUPS[:2])}")
+
+
+def build_optimizer(spec: Any, split: ParamSplit, shared: SharedGroup | None = None) -> Any:
+    """The run's optimizer: `spec.build(split)`, or with the shared group enabled (protocol v2) the spec on the
+    hidden matrices and the shared AdamW on everything else. A spec with an `aux` AdamW (the matrix methods)
+    gets the shared one in its place, so its build is unchanged; any other spec is built on the hidden group
+    alone."""
+    if shared is None or not shared.enabled:
+        return spec.build(split)
+    if isinstance(getattr(spec, "aux", None), AdamWSpec):
+        return dataclasses.replace(spec, aux=shared.adamw()).build(split)
+    return with_aux_adamw(spec.build(split.only("hidden")), split, shared.adamw())

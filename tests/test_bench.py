@@ -1,28 +1,37 @@
-"""scripts/bench.py: the declaration is checked before any run, a real (seconds-long) benchmark runs through
-Hydra's multirun with the joblib launcher, chooses each arm's best trial, re-runs it with fresh seeds, skips
-complete runs on a re-run, reruns broken ones, refuses another workload, and every run logs to W&B offline."""
+"""The benchmark engine (bench/, protocol v2): declarations are checked before any run, the search is the same
+for every arm with an equal trial count, seeds are paired, every main arm gets the identical shared group,
+branches start where the budgets' cooldowns start, and a real (seconds-long) benchmark runs end to end through
+Hydra's joblib multirun, is resumable, and refuses another workload."""
 
 import json
 import math
-import os
-import struct
-import subprocess
-import sys
 
 import pytest
 import yaml
 from conftest import REPO
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from scripts.bench import BenchError, load_bench, plan_runs, trial_config
-from scripts.bench_records import choose_best, load_runs
+from bench.declaration import Axis, BenchError, load_bench, seed_pair
+from bench.plan import branch_runs, cooldown_start, seed_runs, trial_config
+from bench.run import _tune_run
+from bench.search import certificate_points, coordinate_rounds, qmc_points, setting_id
+from harness.config import register_configs
+
+LR = {"default": 3.0e-3, "low": 1.0e-4, "high": 3.0e-2, "step": 3.1623, "source": "test"}
+WD = {"default": 0.1, "low": 0.01, "high": 1.0, "step": 3.1623, "source": "test"}
+MUON_LR = {"default": 0.02, "low": 2.0e-3, "high": 0.2, "step": 3.1623, "source": "test"}
 
 
 def declaration(**changes):
-    d = {"name": "t", "experiment": "smoke", "overrides": ["train.max_steps=8", "train.eval_every=4"],
-         "reference": "adamw", "muon_variants": [], "trials": 2, "tuning_seed": 0, "seeds": [1],
-         "launcher": "joblib", "jobs": 2, "threads": 1, "logger": "wandb",
-         "arms": {"adamw": {"optimizer": "adamw", "grid": {"optimizer.lr": [3.0e-3, 1.0e-2]}},
-                  "muon": {"optimizer": "muon", "grid": {"optimizer.lr": [0.02, 0.06]}}}}
+    d = {"name": "t", "protocol": 2, "experiment": "smoke",
+         "overrides": ["schedule=wsd", "schedule.warmup_steps=1", "schedule.decay_frac=0.25",
+                       "schedule.min_lr_frac=0.0"],
+         "budgets": [4, 8, 12], "hybrid": {"lr": 3.0e-3, "source": "test"},
+         "search": {"method": "coordinate", "trials": 3}, "reference": "adamw", "muon_variants": [],
+         "tuning_seed": 0, "seeds": [1, 2, 3], "launcher": "joblib", "jobs": 2, "threads": 1, "logger": "wandb",
+         "arms": {"adamw": {"optimizer": "adamw", "space": {"optimizer.lr": LR, "optimizer.weight_decay": WD}},
+                  "muon": {"optimizer": "muon", "space": {"optimizer.lr": MUON_LR, "optimizer.weight_decay": WD}}}}
     d.update(changes)
     return d
 
@@ -33,209 +42,149 @@ def write(tmp_path, d, name="bench.yaml"):
     return str(path)
 
 
+def arm(**kw):
+    return {"optimizer": "adamw", "space": {"optimizer.lr": LR, "optimizer.weight_decay": WD}, **kw}
+
+
 @pytest.mark.parametrize("changes, message", [
-    ({"trials": 3}, "bench.arms.adamw.grid: 2 trials, but the equal budget is bench.trials=3"),
-    ({"arms": {"adamw": {"optimizer": "adamw", "grid": {"optimizer.lr": [1e-3, 1e-2]}}}},
-     "does not contain the optimizer's default 0.003"),
-    ({"arms": {"adamw": {"optimizer": "adamw_typo", "grid": {"optimizer.lr": [3e-3, 1e-2]}}}},
-     "bench.arms.adamw.optimizer: no conf/optimizer/adamw_typo.yaml"),
-    ({"seeds": [0, 1]}, "bench.seeds: need distinct seeds other than the tuning seed 0"),
-    ({"launcher": "mpi"}, "bench.launcher: 'mpi' is not one of basic, joblib, slurm"),
-    ({"reference": "sgd"}, "the reference arm 'sgd' is not declared"),
-    ({"trails": 2}, "bench.trails: Key 'trails' not in 'BenchConfig'"),
-    ({"diagnostics": {"every": 0}}, "bench.diagnostics.every: must be > 0 for a diag phase"),
-    ({"diagnostics": {"every": 5, "evry": 3}}, "bench.diagnostics.evry: Key 'evry' not in 'DiagnosticsConfig'"),
-    ({"diagnostics": {"every": 5, "blocks": "rows"}}, "bench.diagnostics: diagnostics.blocks: 'rows' is not group"),
+    ({"budgets": [4, 8]}, "bench.budgets: need >= 3 distinct ascending positive step budgets"),
+    ({"seeds": [1, 2]}, "bench.seeds: need >= 3 distinct fresh seeds"),
+    ({"seeds": [0, 1, 2]}, "other than the tuning seed 0"),
+    ({"protocol": 1}, "bench.protocol: this harness runs protocol version 2"),
+    ({"search": {"method": "grid"}}, "bench.search.method: 'grid' is not one of coordinate, qmc"),
+    ({"arms": {"adamw": {"optimizer": "adamw", "space": {"optimizer.lr": LR}}}},
+     "bench.arms.adamw.space: need >= 2 tuned knobs"),
+    ({"arms": {"adamw": arm(space={"optimizer.lr": {**LR, "source": " "}, "optimizer.weight_decay": WD})}},
+     "bench.arms.adamw.space.optimizer.lr.source: every default and range needs its source"),
+    ({"arms": {"adamw": arm(space={"optimizer.lr": {**LR, "default": 1.0}, "optimizer.weight_decay": WD})}},
+     "need 0 < low <= default <= high"),
+    ({"arms": {"adamw": arm(space={"optimizer.aux.lr": LR, "optimizer.weight_decay": WD})}},
+     "'optimizer.aux.lr' belongs to the workload"),
+    ({"arms": {"adamw": arm(set={"hybrid.lr": 0.01})}}, "a variant arm \\(variant_of\\) may set the shared group"),
+    ({"overrides": ["optimizer.lr=1"]}, "bench.overrides: 'optimizer.lr=1': the optimizer is the arm's"),
+    ({"target": {"loss": 4.0}}, "bench.target.source: a declared target needs its source"),
+    ({"reference": "sgd"}, "the reference/compared arm 'sgd' is not a declared main arm"),
+    ({"arms": {"adamw": arm(), "v": {"optimizer": "muon", "variant_of": "adamw", "inherit": True}}},
+     "bench.arms.v.inherit: inherits the setting of an arm with another optimizer"),
+    ({"overrides": ["schedule=wsd", "schedule.warmup_frac=0.1"]}, "its warmup must be in steps"),
+    ({"trials": 2}, "bench.trials: Key 'trials' not in 'BenchConfig'"),
 ])
 def test_bad_declarations_fail_before_any_run(tmp_path, changes, message):
-    with pytest.raises(BenchError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(BenchError, match=message.replace("[", r"\[")):
         load_bench(write(tmp_path, declaration(**changes)))
 
 
-def test_every_shipped_benchmark_is_valid_and_budget_is_equal():
+def test_every_shipped_benchmark_is_valid():
     for path in sorted((REPO / "conf" / "bench").glob("*.yaml")):
         b = load_bench(str(path))
-        runs = plan_runs(b, "tune")
-        per_arm = {arm: sum(r["arm"] == arm for r in runs) for arm in b.arms}
-        assert set(per_arm.values()) == {b.trials}, path.name
-        assert b.reference in b.arms
+        assert len(b.seeds) >= 3 and len(b.budgets) >= 3, path.name
+        assert all(len(b.space(a)) >= 2 for a in b.arms if not b.arms[a].inherit), path.name
 
 
-def test_trial_config_sets_arm_options_setting_and_both_seeds(tmp_path):
-    b = load_bench(write(tmp_path, declaration(arms={"adamw_pc": {
-        "optimizer": "adamw", "set": {"model.pc_level": 4}, "grid": {"optimizer.lr": [3e-3, 1e-2]}}},
-        reference="adamw_pc")))
-    run = plan_runs(b, "seed", {"adamw_pc": {"setting": {"optimizer.lr": 0.01}}})[0]
-    text = trial_config(b, run)
-    assert text.startswith("# @package _global_")
-    cfg = yaml.safe_load(text)
-    assert cfg["defaults"] == [{"override /optimizer": "adamw"}]
-    assert cfg["model"] == {"pc_level": 4} and cfg["optimizer"] == {"lr": 0.01}
-    assert cfg["seed"] == cfg["data"]["seed"] == 1
-    assert cfg["bench"] == {"name": "t", "arm": "adamw_pc", "phase": "seed", "trial": "s1"}
+def test_coordinate_descent_takes_exactly_the_budget_and_walks_to_the_best():
+    """Exactly `trials` settings for any loss surface; on a bowl centred on a grid point it reaches that point,
+    each round changing one axis."""
+    space = {"optimizer.lr": Axis(**LR), "optimizer.weight_decay": Axis(**WD)}
+    target = {"optimizer.lr": 3.0e-3 * 3.1623, "optimizer.weight_decay": 0.1 / 3.1623 ** 2}
+
+    def bowl(s):
+        return sum(math.log(s[k] / target[k]) ** 2 for k in s)
+
+    for trials in (2, 5, 9, 14):
+        rounds, done = coordinate_rounds(space, trials, bowl)
+        flat = [setting_id(s) for r in rounds for s in r]
+        assert done and len(flat) == trials == len(set(flat))
+    rounds, _ = coordinate_rounds(space, 9, bowl)
+    best = min((s for r in rounds for s in r), key=bowl)
+    assert best == {k: float(f"{v:.4g}") for k, v in target.items()}
+    assert [len(r) for r in rounds[:2]] == [3, 2]  # defaults + lr neighbours, then wd neighbours of the best
+    pending, done = coordinate_rounds(space, 5, lambda s: None)
+    assert not done and len(pending) == 1 and len(pending[0]) == 3
 
 
-def wandb_records(run_dir):
-    """Decode the offline W&B log (LevelDB-style framing: 7-byte header, 32 KiB blocks, records with a
-    crc32/length/type header) into wandb's protobuf Records."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    data, pos, chunks, buf = path.read_bytes(), 7, [], b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:
-            pos += 32768 - pos % 32768
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and n == 0:
-            break
-        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
-        if kind in (1, 4):  # FULL or LAST
-            chunks.append(buf)
-            buf = b""
-    records = []
-    for chunk in chunks:
-        r = pb.Record()
-        r.ParseFromString(chunk)
-        records.append(r)
-    return records
+def test_grid_points_are_exact_whatever_the_path():
+    ax = Axis(**LR)
+    up = ax.neighbours(3.0e-3)[1]
+    assert ax.neighbours(up)[0] == 3.0e-3  # down from up is the default, exactly (no 0.002999)
+    assert ax.neighbours(3.0e-2)[1] is None and ax.neighbours(3.0e-2)[0] == float(f"{3.0e-2 / 3.1623:.4g}")
+    assert ax.neighbours(3.0e-3, level=1) == (float(f"{3.0e-3 / 3.1623 ** 0.5:.4g}"),
+                                              float(f"{3.0e-3 * 3.1623 ** 0.5:.4g}"))
 
 
-def key(item):
-    """A history/summary item's name: `key`, or the path in `nested_key` (what wandb 0.31 writes)."""
-    return item.key or "/".join(item.nested_key)
+def test_qmc_is_the_same_design_for_every_arm_and_inside_the_ranges():
+    a = {"optimizer.lr": Axis(**LR), "optimizer.weight_decay": Axis(**WD)}
+    b = {"optimizer.lr": Axis(**MUON_LR), "optimizer.weight_decay": Axis(**WD)}
+    pa, pb = qmc_points(a, 8, 0), qmc_points(b, 8, 0)
+    assert len(pa) == 8 and len({setting_id(p) for p in pa}) == 8
+    for x, y in zip(pa, pb):  # the same unit point, mapped log-uniformly onto each arm's own range
+        ux = math.log(x["optimizer.lr"] / 1e-4) / math.log(3e-2 / 1e-4)
+        uy = math.log(y["optimizer.lr"] / 2e-3) / math.log(0.2 / 2e-3)
+        assert ux == pytest.approx(uy, abs=1e-3) and 0 <= ux < 1
+        assert x["optimizer.weight_decay"] == y["optimizer.weight_decay"]
 
 
-def bench_cli(path, out, *args):
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
-    env["HOME"] = str(out.parent)  # no ~/.netrc: W&B's mode auto must choose offline
-    return subprocess.run([sys.executable, "scripts/bench.py", path, "--out", str(out), "--no-report", *args],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600, check=False)
+def test_certificate_neighbours_and_edges():
+    space = {"optimizer.lr": Axis(**LR), "optimizer.weight_decay": Axis(**WD)}
+    pts = certificate_points(space, {"optimizer.lr": 3.0e-2, "optimizer.weight_decay": 0.1})
+    assert [(k.split(".")[-1], side, s is None) for k, side, s in pts] == [
+        ("lr", "down", False), ("lr", "up", True), ("weight_decay", "down", False), ("weight_decay", "up", False)]
 
 
-DIAG = {"every": 4, "power_iters": 3, "trace_samples": 2, "block_samples": 1}
+def test_seeds_are_paired_and_init_and_data_seeds_independent():
+    pairs = [seed_pair(s) for s in range(50)]
+    assert len({p for p in pairs}) == 50 and all(i != d for i, d in pairs)
+    assert pairs[3] == seed_pair(3)  # a pure function: the same in every arm and every relaunch
 
 
-def test_benchmark_runs_chooses_reruns_only_missing_and_refuses_other_workloads(kjv_dir, tmp_path):
-    path, out = write(tmp_path, declaration(diagnostics=DIAG)), tmp_path / "bench_t"
-    proc = bench_cli(path, out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "tune: 4 runs, 0 complete, 4 to run" in proc.stdout and "seed: 2 runs, 0 complete, 2 to run" in proc.stdout
-    assert "diag: 2 runs, 0 complete, 2 to run" in proc.stdout
-
-    runs = load_runs(out)
-    assert sorted((r.phase, r.arm, r.trial) for r in runs) == [
-        ("seed", "adamw", "s1"), ("seed", "muon", "s1"),
-        ("tune", "adamw", "optimizer.lr=0.003"), ("tune", "adamw", "optimizer.lr=0.01"),
-        ("tune", "muon", "optimizer.lr=0.02"), ("tune", "muon", "optimizer.lr=0.06")]
-    bench = json.loads((out / "bench.json").read_text())
-    for arm in ("adamw", "muon"):
-        tune = [r for r in runs if r.phase == "tune" and r.arm == arm]
-        best = min(tune, key=lambda r: r.final_loss)
-        assert choose_best(tune).trial == best.trial == bench["chosen"][arm]["trial"]
-        (seed_run,) = [r for r in runs if r.phase == "seed" and r.arm == arm]
-        assert seed_run.setting == best.setting and (seed_run.seed, seed_run.data_seed) == (1, 1)
-        assert all((r.seed, r.data_seed) == (0, 0) for r in tune)
-        assert {r.summary["optimizer"] for r in tune + [seed_run]} == {arm}
-    assert len({r.workload_hash for r in runs}) == 1
-
-    # W&B (offline: no API key): grouped by benchmark, job type = arm, per-step metrics and summary fields
-    rec = wandb_records(out / "runs" / "tune" / "muon" / "optimizer.lr=0.06")
-    (run,) = [r.run for r in rec if r.WhichOneof("record_type") == "run"]
-    assert (run.run_group, run.job_type, run.display_name) == ("t", "muon", "muon/optimizer.lr=0.06/s0")
-    history = [{key(i): json.loads(i.value_json) for i in r.history.item} for r in rec
-               if r.WhichOneof("record_type") == "history"]
-    train_losses = [h["train_loss"] for h in history if "train_loss" in h]
-    metrics = [json.loads(line) for line in (out / "runs/tune/muon/optimizer.lr=0.06/metrics.jsonl").read_text().splitlines()]
-    assert train_losses == [m["train_loss"] for m in metrics if "train_loss" in m]
-    summary = {}
-    for r in rec:
-        if r.WhichOneof("record_type") == "summary":
-            summary.update({key(i): json.loads(i.value_json) for i in r.summary.update})
-    local = json.loads((out / "runs/tune/muon/optimizer.lr=0.06/summary.json").read_text())
-    assert summary["final_val_loss"] == local["final_val_loss"] and summary["steps"] == 8
-
-    # the diag phase: the seed runs again with diagnostics, outside the statistics, with the same losses;
-    # their diagnostics reach W&B as diag/... history keys equal to diagnostics.jsonl
-    diag = load_runs(out, phases=("diag",))
-    assert sorted((r.arm, r.trial) for r in diag) == [("adamw", "s1"), ("muon", "s1")]
-    seed = {r.arm: r for r in runs if r.phase == "seed"}
-    assert all(d.summary["final_val_loss"] == seed[d.arm].summary["final_val_loss"] for d in diag)
-    assert all(seed[d.arm].summary["diagnostics_every"] == 0 and d.summary["diagnostics_every"] == 4 for d in diag)
-    lines = [json.loads(x) for x in (out / "runs/diag/muon/s1/diagnostics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [4, 8]
-    rec = wandb_records(out / "runs" / "diag" / "muon" / "s1")
-    history = [{key(i): json.loads(i.value_json) for i in r.history.item} for r in rec
-               if r.WhichOneof("record_type") == "history"]
-    logged = [h["diag/hessian/lambda_max"] for h in history if "diag/hessian/lambda_max" in h]
-    assert logged == [x["hessian"]["lambda_max"] for x in lines]
-    assert any("diag/roles/attn_q/update_stable_rank" in h for h in history)
-    from scripts.report import build_report
-
-    report = build_report(out)["md"].read_text()
-    assert "reproduce the seed runs' final validation loss exactly in 2 of 2 pairs" in report
-    assert "## Diagnostics: why an optimizer wins" in report and (out / "plots/diagnostics_trajectories.png").is_file()
-
-    # a re-run runs nothing and touches nothing
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
-    proc = bench_cli(path, out)
-    assert proc.returncode == 0 and "tune: 4 runs, 4 complete, 0 to run" in proc.stdout
-    assert "seed: 2 runs, 2 complete, 0 to run" in proc.stdout and "diag: 2 runs, 2 complete, 0 to run" in proc.stdout
-    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("summary.json") if ".broken-" not in str(p)}
-
-    # a broken run (killed before its summary) is moved aside, kept, and rerun; nothing else runs
-    broken = out / "runs" / "tune" / "adamw" / "optimizer.lr=0.01"
-    (broken / "summary.json").unlink()
-    proc = bench_cli(path, out)
-    assert proc.returncode == 0 and "tune: 4 runs, 3 complete, 1 to run" in proc.stdout
-    assert (broken / "summary.json").is_file()
-    (aside,) = broken.parent.glob("optimizer.lr=0.01.broken-*")
-    assert (aside / "metrics.jsonl").is_file()
-    assert len(load_runs(out)) == 6
-
-    # another workload in the same directory is refused before any run, and nothing changes
-    before = (out / "bench.json").read_text()
-    other = write(tmp_path, declaration(overrides=["train.max_steps=10", "train.eval_every=5"]), "other.yaml")
-    proc = bench_cli(other, out)
-    assert proc.returncode == 2
-    assert "holds benchmark results with overrides=" in proc.stderr and "never mixed" in proc.stderr
-    assert (out / "bench.json").read_text() == before and len(load_runs(out)) == 6
+def _compose(tmp_path, b, run, hybrid):
+    """The resolved run config Hydra composes for this planned run (as the multirun does)."""
+    (tmp_path / "conf" / "trial").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "conf" / "trial" / "x.yaml").write_text(trial_config(b, run, hybrid, tmp_path))
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3", job_name="t"):
+        cfg = compose("config", overrides=[f"experiment={b.experiment}", *b.overrides,
+                                           f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "+trial=x", "name=t"])
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
-def test_diverging_trial_is_recorded_and_never_stops_the_sweep(kjv_dir, tmp_path):
-    d = declaration(trials=2, seeds=[1], launcher="basic", logger="none",
-                    arms={"adamw": {"optimizer": "adamw", "grid": {"optimizer.lr": [3.0e-3, 1.0e3]}}})
-    out = tmp_path / "bench_div"
-    proc = bench_cli(write(tmp_path, d), out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {(r.phase, r.trial): r for r in load_runs(out)}
-    bad = runs[("tune", "optimizer.lr=1000.0")]
-    assert bad.diverged and bad.final_loss == math.inf and bad.summary["diverged_reason"]
-    assert json.loads((out / "bench.json").read_text())["chosen"]["adamw"]["trial"] == "optimizer.lr=0.003"
-    assert not runs[("seed", "s1")].diverged
+def test_every_main_arm_resolves_to_the_identical_shared_group_and_paired_seeds(tmp_path):
+    d = declaration(arms={"adamw": arm(), "muon": {"optimizer": "muon", "space": {"optimizer.lr": MUON_LR,
+                                                                                 "optimizer.weight_decay": WD}},
+                          "lion": {"optimizer": "lion", "space": {"optimizer.lr": LR, "optimizer.weight_decay": WD}},
+                          "mini_whole": {"optimizer": "adam_mini", "variant_of": "adamw", "whole_model": True,
+                                         "space": {"optimizer.lr": LR, "optimizer.weight_decay": WD}}})
+    b = load_bench(write(tmp_path, d))
+    hybrid = {"lr": 3.0e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "decay_groups": ["embedding",
+                                                                                                     "head"]}
+    resolved = {a: _compose(tmp_path, b, seed_runs(b, a, {})[1], hybrid) for a in ("adamw", "muon", "lion")}
+    shared = {a: c["hybrid"] for a, c in resolved.items()}
+    assert all(s == {"enabled": True, **hybrid, "fused": None} for s in shared.values())
+    assert len({(c["seed"], c["data"]["seed"]) for c in resolved.values()}) == 1  # seed 2: paired
+    assert resolved["adamw"]["seed"], resolved["adamw"]["data"]["seed"] == seed_pair(2)
+    assert {c["train"]["max_steps"] for c in resolved.values()} == {12}
+    whole = _compose(tmp_path, b, seed_runs(b, "mini_whole", {})[0], hybrid)
+    assert whole["hybrid"]["enabled"] is False  # the whole-model variant owns every tensor
 
 
-def test_slurm_launcher_composes_for_a_benchmark_phase(tmp_path):
-    """No cluster here: the SLURM (submitit) launcher config of a real benchmark phase command must compose,
-    with the benchmark's overrides, into Hydra's SlurmLauncher with the documented resources."""
-    from scripts.bench import hydra_command
+def test_seed_runs_keep_the_branch_checkpoints_and_branches_start_at_each_cooldown(tmp_path):
+    b = load_bench(write(tmp_path, declaration()))
+    seeds = seed_runs(b, "adamw", {"optimizer.lr": 3e-3})
+    assert [(r.trial, r.budget, r.ckpt_steps) for r in seeds] == [(f"s{s}", 12, [3, 6]) for s in (1, 2, 3)]
+    branches = branch_runs(b, "adamw", {"optimizer.lr": 3e-3})
+    assert [(r.trial, r.budget, r.branch_step, r.branch_from) for r in branches[:2]] == [
+        ("s1_b4", 4, 3, "runs/seed/adamw/s1"), ("s1_b8", 8, 6, "runs/seed/adamw/s1")]
+    assert cooldown_start(8, 0.25) == 6 and cooldown_start(4, 0.25) == 3
+    cosine = load_bench(write(tmp_path, declaration(overrides=[]), "c.yaml"))  # no WSD: one run per budget
+    assert [(r.trial, r.budget) for r in seed_runs(cosine, "adamw", {})][:3] == [("s1_b4", 4), ("s1_b8", 8),
+                                                                                 ("s1_b12", 12)]
+    assert branch_runs(cosine, "adamw", {}) == []
 
-    b = load_bench(write(tmp_path, declaration(launcher="slurm")))
-    out = tmp_path / "bench_s"
-    (out / "conf" / "trial").mkdir(parents=True)
-    names = []
-    for i, r in enumerate(plan_runs(b, "tune")):
-        names.append(f"tune__{r['arm']}__{i}")
-        (out / "conf" / "trial" / f"{names[-1]}.yaml").write_text(trial_config(b, r))
-    cmd = hydra_command(b, out, names)
-    assert cmd[2] == "-m" and f"+trial={','.join(names)}" in cmd
-    # --cfg prints the composed config of one job (it cannot be combined with -m and a sweep)
-    cmd = [c if not c.startswith("+trial=") else f"+trial={names[0]}" for c in cmd if c != "-m"]
-    cmd += ["hydra.launcher.partition=gpu", "--cfg", "hydra"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
-    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher["partition"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == ("gpu", 1, 1)
-    assert launcher["submitit_folder"].endswith(".submitit/%j")
+
+def test_reference_first_tuning_ties_the_shared_group_to_its_own_knobs(tmp_path):
+    b = load_bench(write(tmp_path, declaration(hybrid={"source": "test", "from_reference": True})))
+    r = _tune_run(b, "adamw", {"optimizer.lr": 1e-2, "optimizer.weight_decay": 0.3}, tie=True)
+    assert r.trial == "lr=0.01,weight_decay=0.3"
+    c = _compose(tmp_path, b, r, {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01,
+                                  "decay_groups": ["embedding", "head"]})
+    assert (c["hybrid"]["lr"], c["hybrid"]["weight_decay"]) == (1e-2, 0.3)
+    assert (c["optimizer"]["lr"], c["optimizer"]["weight_decay"]) == (1e-2, 0.3)

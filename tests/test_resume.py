@@ -21,7 +21,7 @@ from conftest import REPO, read_jsonl
 
 from harness.checkpoint import checkpoints, config_changes
 from harness.run import divergence
-from scripts.bench_records import load_runs
+from bench.records import load_runs
 
 OPTIMIZERS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml"))
 # Short intervals so that every optimizer's periodic machinery (Newton-Muon's statistics and K^-1, SOAP's
@@ -204,16 +204,19 @@ def test_divergence_watch():
 # ---- a benchmark killed midway ------------------------------------------------------------------------
 
 def test_killed_benchmark_rerun_completes_only_what_is_missing(kjv_dir, tmp_path):
-    decl = {"name": "k", "experiment": "smoke",
-            "overrides": ["train.max_steps=12", "train.eval_every=4", "train.ckpt_every=2"],
-            "reference": "adamw", "muon_variants": [], "trials": 2, "tuning_seed": 0, "seeds": [1],
+    axis = {"low": 1.0e-4, "high": 3.0e-2, "step": 3.1623, "source": "test"}
+    decl = {"name": "k", "protocol": 2, "experiment": "smoke",
+            "overrides": ["train.eval_every=4", "train.ckpt_every=2", "schedule=wsd", "schedule.warmup_steps=1"],
+            "budgets": [4, 8, 12], "hybrid": {"source": "test"}, "search": {"method": "coordinate", "trials": 2},
+            "reference": "adamw", "muon_variants": [], "tuning_seed": 0, "seeds": [1, 2, 3],
             "launcher": "basic", "jobs": 1, "threads": 1, "logger": "none",
-            "arms": {"adamw": {"optimizer": "adamw", "grid": {"optimizer.lr": [3.0e-3, 1.0e-2]}}}}
+            "arms": {"adamw": {"optimizer": "adamw", "space": {
+                "optimizer.lr": {"default": 3.0e-3, **axis}, "optimizer.weight_decay": {"default": 0.01, **axis}}}}}
     path, out = tmp_path / "k.yaml", tmp_path / "bench_k"
     path.write_text(yaml.safe_dump(decl))
     cmd = [sys.executable, "scripts/bench.py", str(path), "--out", str(out), "--no-report"]
-    first = out / "runs" / "tune" / "adamw" / "optimizer.lr=0.003"
-    second = out / "runs" / "tune" / "adamw" / "optimizer.lr=0.01"
+    first = out / "runs" / "tune" / "adamw" / "lr=0.003,weight_decay=0.01"
+    second = out / "runs" / "tune" / "adamw" / "lr=0.0009487,weight_decay=0.01"
     bench = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (second / "checkpoints" / "step_00000004.pt").exists():
@@ -236,7 +239,8 @@ def test_killed_benchmark_rerun_completes_only_what_is_missing(kjv_dir, tmp_path
 
     proc = run(cmd)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "tune: 2 runs, 1 complete, 1 to run" in proc.stdout and "seed: 1 runs, 0 complete, 1 to run" in proc.stdout
+    assert "tune round 0: 1 runs, 0 complete, 1 to run" in proc.stdout  # the complete trial is not relaunched
+    assert "seed: 3 runs, 0 complete, 3 to run" in proc.stdout and "branch: 6 runs, 0 complete, 6 to run" in proc.stdout
     # the partial trial continued from its checkpoint (the runs' output goes to the benchmark's logs/)
     assert f"resumed from {second}/checkpoints/step_0000000" in (out / "logs" / "tune.log").read_text()
     assert (first / "summary.json").stat().st_mtime_ns == stamp  # the finished one neither redone nor lost
@@ -245,7 +249,7 @@ def test_killed_benchmark_rerun_completes_only_what_is_missing(kjv_dir, tmp_path
     assert resumed["resumed_from_steps"] and resumed["resumed_from_steps"][0] >= 4
     steps = [r["step"] for r in read_jsonl(second / "metrics.jsonl") if "train_loss" in r]
     assert steps == list(range(1, 13))
-    assert len(load_runs(out)) == 3
+    assert len(load_runs(out, phases=("tune", "seed", "branch"))) == 2 + 3 + 6
 
 
 def test_a_run_directory_in_use_is_refused(kjv_dir, tmp_path):

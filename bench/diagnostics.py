@@ -21,8 +21,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from scripts.bench_records import RecordError, RunRecord
-from scripts.report_plots import DPI, _colors
+from bench.records import RecordError, RunRecord
+from bench.plots import DPI, _colors
 
 FILE = "diagnostics.jsonl"
 PNGS = ("diagnostics_trajectories.png", "diagnostics_roles.png")
@@ -272,7 +272,7 @@ def intro(arms: dict[str, Seeds]) -> str:
 
 
 def diagnostics_blocks(bench: dict, runs: list[RunRecord], plots_dir: Path, bench_dir: Path) -> list[tuple]:
-    """The section as report blocks (scripts/report_render.py); writes its PNGs into plots_dir (and removes
+    """The section as report blocks (bench/render.py); writes its PNGs into plots_dir (and removes
     stale ones of an earlier report that this one does not draw)."""
     raw, diverged, without = seed_diagnostics(bench, runs)
     arms = {arm: [by_step(lines) for lines in seeds] for arm, seeds in raw.items()}

@@ -1,0 +1,18 @@
+"""The benchmark engine (protocol.md v2), one module per step of the protocol.
+
+    declaration.py  the typed benchmark declaration (conf/bench/*.yaml): workload, budgets, shared group,
+                    every arm's search space with sources, search, seeds, target rule; checked before any run
+    search.py       the search, the same for every arm: coordinate descent or quasi-random (scipy.stats.qmc);
+                    the local-optimality certificate's neighbours
+    plan.py         the runs of each phase (tune, cert, seed, branch, diag) and their Hydra trial configs
+    launch.py       a phase's missing runs as one Hydra multirun of train.py (basic, joblib or SLURM launcher)
+    run.py          a benchmark end to end (the phases in order, the choices), resumable from the records
+    records.py      reading the run records back (RunRecord)
+    stats.py        intervals, paired tests, Holm, detectable differences, best-of-k, crossings, speedups
+    baselines.py    unigram / bigram / trigram cross-entropies on the validation tokens (cached per data set)
+    analysis.py     the numbers of a report from bench.json and the records; summary.json
+    report.py       report.md / report.html / runs.csv (render.py: Markdown and HTML; plots.py: figures;
+                    diagnostics.py: the diagnostics section)
+
+Command lines: scripts/bench.py (run) and scripts/report.py (rebuild the report).
+"""

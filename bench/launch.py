@@ -1,0 +1,86 @@
+"""Launch a phase's missing runs as one Hydra multirun of train.py (basic, joblib or SLURM launcher).
+
+Each run gets a generated trial config (<out>/conf/trial/<name>.yaml, kept for the record); the multirun's
+sweep directory puts it at runs/<phase>/<arm>/<trial>. Runs whose records are complete are not launched
+again; train.skip_complete covers a run that completed between the check and the launch.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.declaration import REPO, BenchConfig, BenchError
+from bench.plan import PlannedRun, trial_config
+from harness.run import complete_summary
+
+# Linux: the multirun gets SIGTERM when this driver dies, even by SIGKILL (prctl PR_SET_PDEATHSIG = 1, set in
+# the child and kept across its exec), so a killed benchmark leaves no run training on behind it.
+_PDEATHSIG = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+              "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def with_parent(cmd: list[str]) -> list[str]:
+    return [sys.executable, "-c", _PDEATHSIG, *cmd] if sys.platform.startswith("linux") else cmd
+
+
+def hydra_command(b: BenchConfig, out: Path, names: list[str]) -> list[str]:
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", f"experiment={b.experiment}", *b.overrides,
+           f"hydra.searchpath=[file://{(out / 'conf').resolve()}]", f"+trial={','.join(names)}",
+           f"hydra.sweep.dir={out.resolve() / 'runs'}", "hydra.sweep.subdir=${bench.phase}/${bench.arm}/${bench.trial}",
+           "train.skip_complete=true", "train.progress=false", "train.save_final=false",
+           f"train.threads={b.threads}", f"logger={b.logger}"]
+    if b.launcher == "joblib":
+        cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={b.jobs}"]
+    elif b.launcher == "slurm":
+        cmd += ["hydra/launcher=slurm"]
+    return cmd
+
+
+def launch(b: BenchConfig, out: Path, label: str, runs: list[PlannedRun], hybrid: dict[str, Any],
+           dry_run: bool = False) -> None:
+    """Write the trial configs of the runs not yet complete and launch them as one multirun, with a progress
+    bar (runs done / total, ETA) fed by the records appearing on disk."""
+    todo = [r for r in runs if complete_summary(r.dir(out)) is None]
+    print(f"{label}: {len(runs)} runs, {len(runs) - len(todo)} complete, {len(todo)} to run", flush=True)
+    if not todo:
+        return
+    names = []
+    for i, r in enumerate(todo):  # file names stay plain (Hydra parses `+trial=a,b`); the trial id lives inside
+        name = f"{r.phase}__{r.arm}__{r.trial}".replace("=", "-").replace(",", "_").replace(".", "p")
+        names.append(name)
+        if not dry_run:
+            (out / "conf" / "trial").mkdir(parents=True, exist_ok=True)
+            (out / "conf" / "trial" / f"{name}.yaml").write_text(trial_config(b, r, hybrid, out))
+    cmd = hydra_command(b, out, names)
+    if dry_run:
+        for r in todo:
+            print(f"  {r.arm:<14} {r.trial:<36} seed {r.seed} budget {r.budget}")
+        return
+    log_path = out / "logs" / f"{label.split()[0]}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log, tqdm(total=len(todo), desc=label, unit="run", dynamic_ncols=True,
+                                        mininterval=2.0) as bar:
+        proc = subprocess.Popen(with_parent(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(2.0):
+                done = sum(complete_summary(r.dir(out)) is not None for r in todo)
+                if done > bar.n:  # redraw only on progress: logs of non-interactive runs stay short
+                    bar.update(done - bar.n)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        code = proc.wait()
+        stop.set()
+        watcher.join()
+        bar.update(sum(complete_summary(r.dir(out)) is not None for r in todo) - bar.n)
+    if code != 0:
+        tail = log_path.read_text().splitlines()[-25:]
+        raise BenchError(f"{label}: the Hydra multirun failed (exit {code}); log {log_path}:\n" + "\n".join(tail))
