@@ -24,10 +24,10 @@ $(DATA): $(STAMP)
 
 data: $(DATA)  ## prepare the embedded KJV corpus (tokenizer + shards, offline, cached)
 
-bench: $(DATA)  ## the default benchmark: 9 methods x (3 trials + 2 seeds) + diag re-runs on GPT-2 micro, then the report (~12 min)
+bench: $(DATA)  ## the default benchmark (protocol v2): 9 methods + 2 variants, 5 trials x 2 knobs, 3 paired seeds x 3 budgets on GPT-2 micro, then the report
 	$(PY) scripts/bench.py tiny $(ARGS)
 
-bench-hour: $(DATA)  ## the larger CPU benchmark: 9 methods x (5 trials + 3 seeds) on GPT-2 tiny (~1 h)
+bench-hour: $(DATA)  ## the hour-scale CPU benchmark (protocol v2): 9 methods + 2 variants, 7 trials, 5 seeds x 3 budgets on GPT-2 tiny
 	$(PY) scripts/bench.py cpu_hour $(ARGS)
 
 perf: $(DATA)  ## step-cost benchmark on the CPU-small preset (~4 min): results/perf/cpu_small.{json,md}

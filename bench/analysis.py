@@ -26,7 +26,9 @@ def _finite(x: Any) -> bool:
 
 
 def median(values) -> float | None:
-    v = [x for x in values if _finite(x)]
+    """The median with a diverged run (+inf) or an unreached target (+inf) counted as the worst value, so that
+    more than half of them makes the median +inf; only missing values (None, NaN) are left out."""
+    v = [x for x in values if isinstance(x, (int, float)) and not math.isnan(x)]
     return statistics.median(v) if v else None
 
 
@@ -141,16 +143,19 @@ def workload_info(runs: list[RunRecord], bench: dict) -> tuple[dict[str, Any], A
     import torch
     from omegaconf import OmegaConf
 
-    from models import build_model
+    from models import ROLE_GROUP, build_model
     from models.config import ModelConfig
+    from optimizers.groups import split_parameters
 
     r = next(x for x in runs if x.phase == "seed")
     cfg = OmegaConf.load(r.dir / "config.yaml")
     mcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
     with torch.device("meta"):
         model = build_model(mcfg)
+    split = split_parameters(model.named_parameters(), model.param_roles(), ROLE_GROUP, model.attn_layout())
+    embedding = split.counts()["embedding"][1]  # token and position embeddings (a tied head counted once, here)
     tokens = r.summary["tokens"] / r.summary["steps"]
-    return {"n_params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
+    return {"n_params": model.num_params(), "non_embedding_params": model.num_params() - embedding,
             "tokens_per_step": tokens, "budgets": list(bench["budgets"]), "epochs": None,
             "seq_len": int(cfg.train.seq_len), "data": cfg.data.name}, cfg
 
@@ -180,6 +185,8 @@ def analyze(bench_dir: Path | str, runs: list[RunRecord]) -> dict[str, Any]:
                                f"{bench_dir} at budget {budget}")
     if not any(r.phase == "seed" for r in runs):
         raise RecordError(f"{bench_dir}: no complete seed run yet (the report needs the fresh seeds)")
+    order = bench.get("arm_order") or list(bench["arms"])  # the declaration's order (bench.json's keys are sorted)
+    bench["arms"] = {a: bench["arms"][a] for a in order}
     arms = {a: _arm(bench, a, runs, None) for a in bench["arms"]}
     target = _target(bench, arms)
     arms = {a: _arm(bench, a, runs, target["loss"]) for a in bench["arms"]}
@@ -187,6 +194,8 @@ def analyze(bench_dir: Path | str, runs: list[RunRecord]) -> dict[str, Any]:
     ref = arms[ref_name]
     tests: dict[str, dict] = {}
     for name, a in arms.items():
+        if a["state_bytes"] and ref["state_bytes"]:  # variants too: a whole-model variant's memory claim
+            a["state_ratio"] = a["state_bytes"] / ref["state_bytes"]
         if a["variant_of"]:
             t = compare(a, arms[a["variant_of"]], a["variant_of"])
             if t:
@@ -200,8 +209,11 @@ def analyze(bench_dir: Path | str, runs: list[RunRecord]) -> dict[str, Any]:
         if a["end_loss"] and ref["budgets"] and full in a["losses"]:
             a["data_equivalent_speedup"] = stats.data_equivalent_speedup(
                 ref["budgets"], ref["curve"], full, a["end_loss"]["median"])
-        if a["state_bytes"] and ref["state_bytes"]:
-            a["state_ratio"] = a["state_bytes"] / ref["state_bytes"]
+            # at every budget: the largest one where the reference's curve brackets the arm's loss is the figure
+            # that needs no extrapolation (a better arm's full-budget loss lies below all of the reference's)
+            a["data_equivalent_by_budget"] = {
+                B: stats.data_equivalent_speedup(ref["budgets"], ref["curve"], B, loss)
+                for B, loss in zip(a["budgets"], a["curve"]) if loss is not None and math.isfinite(loss)}
     for key, p in stats.holm({k: t["p"] for k, t in tests.items()}).items():
         tests[key]["p_holm"] = p
     workload, cfg = workload_info(runs, bench)
@@ -215,6 +227,10 @@ def analyze(bench_dir: Path | str, runs: list[RunRecord]) -> dict[str, Any]:
             if row["edge"] or row["beaten"]:
                 flags.append(f"{name}: the chosen {row['axis']}={row['value']:g} is "
                              + ("at the edge of its range" if row["edge"] else "beaten by a neighbour"))
+        gone = {f"s{s} at {b}" for b, v in a["losses"].items() for s, x in v.items() if not _finite(x)}
+        if gone:  # otherwise silent: the medians, intervals and paired tests use the finite losses only
+            flags.append(f"{name}: fresh-seed runs diverged ({', '.join(sorted(gone))}); left out of its medians, "
+                         "intervals and paired tests")
         d = a.get("data_equivalent_speedup")
         if d and d["extrapolated"]:
             flags.append(f"{name}: its data-equivalent speedup is extrapolated beyond the reference's budgets")
@@ -244,6 +260,8 @@ def summary(analysis: dict[str, Any]) -> dict[str, Any]:
             "data_equivalent_speedup": a.get("data_equivalent_speedup") and {
                 "value": a["data_equivalent_speedup"]["value"],
                 "extrapolated": a["data_equivalent_speedup"]["extrapolated"]},
+            "data_equivalent_by_budget": {B: {"value": x["value"], "extrapolated": x["extrapolated"]}
+                                          for B, x in (a.get("data_equivalent_by_budget") or {}).items()},
             "steps_to_target": a["steps_to_target"], "step_overhead": a["step_overhead"],
             "state_ratio": a.get("state_ratio")}
     base = analysis["baselines"] or {}

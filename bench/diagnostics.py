@@ -21,8 +21,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from bench.records import RecordError, RunRecord
 from bench.plots import DPI, _colors
+from bench.records import RecordError, RunRecord
 
 FILE = "diagnostics.jsonl"
 PNGS = ("diagnostics_trajectories.png", "diagnostics_roles.png")

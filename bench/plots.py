@@ -9,6 +9,7 @@ matplotlib's Agg canvas through Figure objects (no pyplot state, no display need
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,9 @@ def plot_loss_curves(analysis: dict, runs: list[RunRecord], path: Path) -> Path:
         seeds = [r for r in runs if r.arm == arm and r.phase == "seed" and r.budget == full and not r.diverged]
         if not seeds:
             continue
-        steps = [e["step"] for e in seeds[0].evals]
-        med = [sorted(s.evals[i]["val_loss"] for s in seeds)[len(seeds) // 2] for i in range(len(steps))]
+        by_step = [{e["step"]: e["val_loss"] for e in s.evals} for s in seeds]
+        steps = sorted(set.intersection(*(set(d) for d in by_step)))  # the evaluation steps every seed has
+        med = [statistics.median(d[st] for d in by_step) for st in steps]
         ax.plot(steps, med, color=colors[arm], label=arm)
         tail += [v for s, v in zip(steps, med) if s >= 0.2 * full]
     _reference_lines(ax, analysis)

@@ -47,13 +47,21 @@ def setting_str(setting: dict | None) -> str:
                      for k, v in (setting or {}).items()) or "-"
 
 
-def speedup_cell(a: dict, is_ref: bool) -> str:
+def speedup_cell(a: dict, is_ref: bool, headline: bool = False) -> str:
+    """The data-equivalent speedup; in the headline an extrapolated one is not quoted (protocol.md)."""
     if is_ref:
         return "1 (reference)"
     d = a.get("data_equivalent_speedup")
     if not d or d["value"] is None:
         return "-"
-    return f"{d['value']:.2f}" + (" (extrapolated)" if d["extrapolated"] else "")
+    if not d["extrapolated"]:
+        return f"{d['value']:.2f}"
+    inside = [(B, x) for B, x in (a.get("data_equivalent_by_budget") or {}).items()
+              if x["value"] is not None and not x["extrapolated"]]
+    at = f"{inside[-1][1]['value']:.2f} at B={inside[-1][0]}" if inside else None
+    if headline:
+        return at or "beyond the reference's budgets"
+    return f"{d['value']:.2f} (extrapolated)" + (f"; {at}" if at else "")
 
 
 def headline(analysis: dict) -> list[tuple]:
@@ -64,16 +72,16 @@ def headline(analysis: dict) -> list[tuple]:
             continue
         t = analysis["tests"].get(f"{name} vs {ref}")
         rows.append([name, ci_cell(a["end_loss"]), str(a["n_seeds"]), ci_cell(t, "+.3f") if t else "(reference)",
-                     p_cell(t), fmt(t["mdd"]) if t else "-", speedup_cell(a, name == ref),
+                     p_cell(t), fmt(t["mdd"]) if t else "-", speedup_cell(a, name == ref, headline=True),
                      fmt(a["step_overhead"], ".1%"), fmt(a.get("state_ratio"), ".2f")])
     e = analysis["arms"][ref]["end_loss"]
     head = ["arm", "end-of-schedule loss, median [95% CI of the mean]", "seeds", f"paired diff vs {ref} [95% CI]",
             "p one-sided / Holm", "detectable diff (80% power)", "data-equivalent speedup", "step overhead",
             f"state / {ref}'s"]
     return [("table", head, rows),
-            ("p", f"Full budget {analysis['bench']['budgets'][-1]} steps; negative differences favour the arm. "
+            ("p", (f"Full budget {analysis['bench']['budgets'][-1]} steps; negative differences favour the arm. "
                   f"Interval method: {e['method'] if e else '-'} (Student t below 8 seeds, BCa from 8). p: one-sided "
-                  "paired t-test (arm lower), Holm-Bonferroni over every test of this report.")]
+                  "paired t-test (arm lower), Holm-Bonferroni over every test of this report."))]
 
 
 def protocol_lines(analysis: dict) -> list[str]:
@@ -82,17 +90,17 @@ def protocol_lines(analysis: dict) -> list[str]:
     chosen_by = (b.get("hybrid_chosen") or {}).get("by")
     epochs = f", {w['epochs']:.2f} epochs" if w.get("epochs") else ""
     return [
-        f"Workload: experiment `{b['experiment']}` + `{' '.join(b['overrides']) or 'no overrides'}`: "
+        (f"Workload: experiment `{b['experiment']}` + `{' '.join(b['overrides']) or 'no overrides'}`: "
         f"{w['n_params']:,} parameters ({w['non_embedding_params']:,} non-embedding), {w['tokens_per_step']:,.0f} "
-        f"tokens/step, budgets {b['budgets']} steps{epochs}; the same for every arm.",
+        f"tokens/step, budgets {b['budgets']} steps{epochs}; the same for every arm."),
         f"Shared group (embeddings, head, gains, biases; every main arm): AdamW lr {h.get('lr')}, betas "
         f"{h.get('betas')}, weight decay {h.get('weight_decay')} on {h.get('decay_groups')}; "
         + (f"chosen by the {chosen_by} arm's tuning, then frozen." if chosen_by else
            f"declared ({b['hybrid']['source']}).")
         + (" Ablation: every arm also tuned the shared lr." if b.get("tune_hybrid_lr") else ""),
-        f"Search: {b['search']['method']} with {b['search']['trials']} trials per arm (diverged included) over each "
+        (f"Search: {b['search']['method']} with {b['search']['trials']} trials per arm (diverged included) over each "
         f"arm's declared space, tuning seed {b['tuning_seed']}; choice: lowest end-of-schedule loss at the full "
-        "budget. Certificate runs (one grid step either way, where the search did not run it) lie outside the budget.",
+        "budget. Certificate runs (one grid step either way, where the search did not run it) lie outside the budget."),
         f"Seeds: {b['seeds']} fresh, paired (seed s = the same initial weights and data order in every arm; the init "
         "and data-order seeds are independent draws). Smaller budgets: "
         + ("cooldown branches of each seed's full-budget run (WSD)." if b.get("schedule", {}).get("name") == "wsd"
@@ -131,9 +139,12 @@ def budget_table(analysis: dict) -> tuple[list[str], list[list[str]]]:
         s = a["steps_to_target"]
         reach = "-" if not s else (f"{s['value']:.0f}" + (" (at or before)" if s["where"] == "at_smallest" else "")
                                    if s["reached"] else "not reached")
+        first = a["first_eval_steps_to_target"]
         rows.append([name, *[fmt(dict(zip(a["budgets"], a["curve"])).get(B)) for B in budgets], reach,
-                     f"{fmt(a['first_eval_steps_to_target'], '.0f')} ({a['first_eval_reached']}/{a['n_seeds']})"])
-    return ["arm", *[f"B={B}" for B in budgets], "steps to target (curve)", "first eval <= target (seeds)"], rows
+                     (f"{'not reached' if first == math.inf else fmt(first, '.0f')} ({a['first_eval_reached']}/"
+                     f"{a['n_seeds']} seeds)"), speedup_cell(a, name == analysis["reference"])])
+    return (["arm", *[f"B={B}" for B in budgets], "steps to target (curve)", "first eval <= target, median",
+             "data-equivalent speedup"], rows)
 
 
 def tests_table(analysis: dict) -> tuple[list[str], list[list[str]]]:
@@ -149,24 +160,24 @@ def tests_table(analysis: dict) -> tuple[list[str], list[list[str]]]:
 def report_blocks(analysis: dict, runs: list[RunRecord], plots: dict[str, Path], bench_dir: Path,
                   diag_runs: list[RunRecord]) -> list[tuple]:
     b = analysis["bench"]
-    img = lambda name, caption: ("img", os.path.relpath(plots[name], bench_dir), caption, plots[name])  # noqa: E731
+    img = lambda name, caption: ("img", os.path.relpath(plots[name], bench_dir), caption, plots[name])
     base = analysis["baselines"] or {}
     blocks: list[tuple] = [("h1", f"Benchmark {b['name']}: {b.get('description', '')}")]
     blocks += headline(analysis)
     blocks.append(img("loss_vs_budget", "end-of-schedule loss vs budget, with the target and the n-gram lines"))
     blocks += [("warn", f) for f in analysis["flags"]]
     if analysis["few_seeds"]:
-        blocks.append(("warn", "fewer than 5 seeds per arm: the tests are low-powered (see the detectable "
-                               "differences); 'no difference' means none larger than those"))
-    blocks += [("p", "n-gram baselines on the same validation tokens (counted on the training shard, interpolated "
+        blocks.append(("warn", ("fewer than 5 seeds per arm: the tests are low-powered (see the detectable "
+                               "differences); 'no difference' means none larger than those")))
+    blocks += [("p", ("n-gram baselines on the same validation tokens (counted on the training shard, interpolated "
                      f"Kneser-Ney): unigram {fmt(base.get('unigram'))}, bigram {fmt(base.get('bigram'))}, trigram "
-                     f"{fmt(base.get('trigram'))} nats/token.")]
+                     f"{fmt(base.get('trigram'))} nats/token."))]
     blocks += [("h2", "Protocol"), ("ul", protocol_lines(analysis)),
                ("h2", "Loss vs budget (median over seeds)"), ("table", *budget_table(analysis)),
                ("h2", "Paired comparisons (every test of this report, Holm-adjusted together)"),
                ("table", *tests_table(analysis)),
-               ("p", "Gap in reference steps: the mean difference over the reference's loss-per-step slope near "
-                     "its full-budget loss (the track-3 exchange rate, read from this report's reference curve).")]
+               ("p", ("Gap in reference steps: the mean difference over the reference's loss-per-step slope near "
+                     "its full-budget loss (the track-3 exchange rate, read from this report's reference curve)."))]
     blocks += tuning_blocks(analysis)
     blocks.append(img("best_of_k", "expected best of k tuning trials"))
     variants = [[n, a["variant_of"], ci_cell(a["end_loss"]), ci_cell(analysis["tests"].get(f"{n} vs {a['variant_of']}"),
@@ -213,7 +224,8 @@ def build_report(bench_dir: Path | str) -> dict[str, Path]:
     plots = make_plots(analysis, runs, bench_dir / "plots")
     blocks = report_blocks(analysis, runs, plots, bench_dir, diag_runs)
     out = {"md": bench_dir / "report.md", "html": bench_dir / "report.html", "csv": bench_dir / "runs.csv",
-           "summary": bench_dir / "summary.json", **{f"plot_{k}": v for k, v in plots.items()}}
+           "summary": bench_dir / "summary.json", **{f"plot_{k}": v for k, v in plots.items()},
+           **{f"plot_{b[3].stem}": b[3] for b in blocks if b[0] == "img"}}  # the diagnostics PNGs too
     atomic_write_text(out["md"], to_markdown(blocks))
     atomic_write_text(out["html"], to_html(blocks, f"Benchmark report: {bench['name']}"))
     atomic_write_text(out["csv"], runs_csv(runs + diag_runs))

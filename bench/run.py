@@ -29,6 +29,7 @@ def open_bench_dir(b: BenchConfig, out: Path) -> dict[str, Any]:
     another workload or search protocol, or with an arm declared differently, is refused, never mixed."""
     decl = declaration(b)
     decl["workload"] = workload_fields(b)
+    decl["arm_order"] = list(b.arms)
     path = out / "bench.json"
     if path.is_file():
         old = json.loads(path.read_text())

@@ -18,7 +18,7 @@ grid step either way on every axis) of the chosen point: the local-optimality ce
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from scipy.stats import qmc
 

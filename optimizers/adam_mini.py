@@ -213,7 +213,7 @@ class AdamMini(torch.optim.Optimizer):
 
 @dataclass
 class AdamMiniSpec:
-    lr: float = 3e-3  # peak lr; the schedule multiplies it. AdamW's here, as the README advises reusing it
+    lr: float = 1e-3  # peak lr; the schedule multiplies it. AdamW's here, as the README advises reusing it
     # AdamW's betas here, so the two compare at equal settings; the paper and reference code use (0.9, 0.999)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8

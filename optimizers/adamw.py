@@ -32,7 +32,7 @@ def check_adam_hparams(prefix: str, *, lr: float, betas, weight_decay: float, ep
 @dataclass
 class AdamWSpec:
     supports_fsdp: ClassVar[bool] = True  # runs on FSDP-sharded parameters (train.parallel=fsdp)
-    lr: float = 3e-3  # peak lr; the schedule multiplies it
+    lr: float = 1e-3  # peak lr; the schedule multiplies it (torch.optim.AdamW's default)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1  # decoupled: p <- p * (1 - lr * weight_decay)

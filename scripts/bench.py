@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `python scripts/bench.py`
 
-from bench.declaration import LAUNCHERS, BenchError, load_bench  # noqa: E402
-from bench.run import run_benchmark  # noqa: E402
+from bench.declaration import LAUNCHERS, BenchError, load_bench
+from bench.run import run_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.records import RecordError  # noqa: E402
-from bench.report import build_report  # noqa: E402
+from bench.records import RecordError
+from bench.report import build_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,6 @@ for every arm with an equal trial count, seeds are paired, every main arm gets t
 branches start where the budgets' cooldowns start, and a real (seconds-long) benchmark runs end to end through
 Hydra's joblib multirun, is resumable, and refuses another workload."""
 
-import json
 import math
 
 import pytest

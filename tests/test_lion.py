@@ -103,7 +103,7 @@ def test_groups_and_decay_rules():
     assert isinstance(opt, Lion)
     decay = {g["group"]: g["weight_decay"] for g in opt.param_groups}
     assert decay == {"hidden": 0.3, "embedding": 0.3, "gain_bias": 0.0}  # GPT-2 ties its head to the embedding
-    assert all(g["lr"] == 1e-3 and g["betas"] == (0.9, 0.99) for g in opt.param_groups)
+    assert all(g["lr"] == 3e-4 and g["betas"] == (0.9, 0.99) for g in opt.param_groups)
 
 
 def test_lowers_the_loss():

@@ -1,32 +1,35 @@
-"""The report's diagnostics section (scripts/report_diagnostics.py) on a synthetic benchmark whose seed runs
+"""The report's diagnostics section (bench/diagnostics.py) on a synthetic protocol-v2 benchmark whose seed runs
 carry diagnostics.jsonl files with known values: every number asserted is computed by hand here.
 
-    .venv/bin/python -m pytest tests/test_report_diagnostics.py -q
+    .venv/bin/pytest -q tests/test_report_diagnostics.py
 
-Two arms x two seeds. A run's statistics are base x f x role multiplier x step / 30, with the run factor f =
-1, 3 (adamw seeds 1, 2) and 2, 4 (muon), so at the last step (30) adamw's median over seeds is 2 x base with
-range base..3 x base and muon's 3 x base with range 2..4 x base. The Hessian is measured at steps 10 and 20
-only; muon seed 2 has no noise measurement at step 10; muon seed 3 diverged (with absurd values).
+Two arms, one budget (100 steps), seeds 1, 2 (and muon's seed 3, which diverged with absurd diagnostics). A
+run's statistics are base x f x role multiplier x step / 30, with the run factor f = 1, 3 (adamw seeds 1, 2)
+and 2, 4 (muon), so at the last diagnostic step (30) adamw's median over seeds is 2 x base with range
+base..3 x base and muon's 3 x base with range 2..4 x base. The Hessian is measured at steps 10 and 20 only;
+muon seed 2 has no noise measurement at step 10.
 """
 
 import json
-import math
 
 import matplotlib.image as mpimg
 import pytest
-from test_report import STEPS, linear, write_bench, write_run
+from test_report import SPACES, sid, write_bench, write_run
 
-from scripts.bench_records import RecordError, load_run, load_runs, read_bench
-from scripts.report import build_report
-from scripts.report_diagnostics import diagnostics_blocks, load_diagnostics, series
+from bench.diagnostics import diagnostics_blocks, load_diagnostics, series
+from bench.records import RecordError, load_runs, read_bench
+from bench.report import build_report
 
 FACTOR = {("adamw", 1): 1, ("adamw", 2): 3, ("muon", 1): 2, ("muon", 2): 4, ("muon", 3): 1000}
 STAT_BASE = {"update_rms_per_lr": 0.1, "update_stable_rank": 5.0, "update_eff_rank": 10.0,
              "update_nuc_over_fro": 2.0, "update_to_weight": 0.001, "cos_update_grad": 0.1,
              "weight_stable_rank": 20.0, "weight_spectral_norm": 1.5, "grad_noise_to_signal": 0.5}
 ROLE_MULT = {"attn_q": 1, "mlp_up": 3, "all": 2}  # "all" = the mean over the two matrices
-HESSIAN_BASE = {"lambda_max": 10.0, "sharpness_x_lr_over_2": 0.1, "trace": 100.0, "block_offdiag_share": 0.05}
+HESSIAN_BASE = {"lambda_max": 10.0, "sharpness_x_lr_over_2": 0.1, "trace": 100.0, "block_offdiag_share": 0.05,
+                "step_curvature_ratio": 0.5}
 DIAG_STEPS = (10, 20, 30)
+BUDGET = 100
+FINAL = {("adamw", 1): 3.0, ("adamw", 2): 3.1, ("muon", 1): 2.9, ("muon", 2): 2.95}
 
 
 def diag_line(f, step, *, noise=True, hessian=True):
@@ -56,16 +59,20 @@ def write_diagnostics(run_dir, arm, seed):
 
 
 def make_bench(root, diagnostics=True):
-    write_bench(root, {"adamw": {"optimizer.lr": [0.003]}, "muon": {"optimizer.lr": [0.02]}}, 3.1, {})
-    for arm, lr in (("adamw", 0.003), ("muon", 0.02)):
-        write_run(root, "tune", arm, "t0", 0, {"optimizer.lr": lr}, STEPS, linear(5, 1 / 40, 2.5, STEPS))
+    """adamw and muon, one tuning trial each (their defaults), seed runs at the one budget."""
+    arms = {a: {"space": SPACES[a]} for a in ("adamw", "muon")}
+    setting = {a: {k: ax["default"] for k, ax in SPACES[a].items()} for a in arms}
+    chosen = {a: {"trial": sid(s), "setting": s, "final_val_loss": 3.0} for a, s in setting.items()}
+    write_bench(root, arms, chosen=chosen, budgets=[BUDGET], seeds=[1, 2, 3], trials=1, muon_variants=())
+    for arm in arms:
+        write_run(root, "tune", arm, sid(setting[arm]), seed=0, budget=BUDGET, setting=setting[arm], final=3.0)
         for seed in (1, 2):
-            d = write_run(root, "seed", arm, f"s{seed}", seed, {"optimizer.lr": lr}, STEPS,
-                          linear(5, 1 / 40, 2.5, STEPS))
+            d = write_run(root, "seed", arm, f"s{seed}", seed=seed, budget=BUDGET, setting=setting[arm],
+                          final=FINAL[arm, seed], evals=[0, 50, 100])
             if diagnostics:
                 write_diagnostics(d, arm, seed)
-    d = write_run(root, "seed", "muon", "s3", 3, {"optimizer.lr": 0.02}, STEPS, [5.0] * 5 + [math.nan] * 5,
-                  diverged=True)
+    d = write_run(root, "seed", "muon", "s3", seed=3, budget=BUDGET, setting=setting["muon"], final=None,
+                  evals=[0, 50, 100], diverged=True)
     if diagnostics:
         write_diagnostics(d, "muon", 3)
     return root
@@ -86,16 +93,28 @@ def tables(blocks):
     return [(b[1], b[2]) for b in blocks if b[0] == "table"]
 
 
+def test_records(bench_dir):
+    runs = {(r.phase, r.arm, r.trial): r for r in load_runs(bench_dir)}
+    assert sorted(runs) == [("seed", a, f"s{s}") for a, s in (("adamw", 1), ("adamw", 2), ("muon", 1),
+                                                              ("muon", 2), ("muon", 3))] + \
+        [("tune", a, sid({k: ax["default"] for k, ax in SPACES[a].items()})) for a in ("adamw", "muon")]
+    r = runs["seed", "muon", "s3"]
+    assert r.diverged and r.budget == BUDGET and r.seed == 3 and r.hybrid["enabled"]
+
+
 def test_load_diagnostics(bench_dir, tmp_path):
     lines = load_diagnostics(bench_dir / "runs" / "seed" / "adamw" / "s1")
     assert [r["step"] for r in lines] == [10, 20, 30]  # the blank line skipped
     assert lines[-1]["roles"]["all"]["update_stable_rank"] == pytest.approx(10.0)
     assert load_diagnostics(tmp_path) == []
     (tmp_path / "diagnostics.jsonl").write_text('{"step": 1}\n\n{"step": 2, "roles": {\n')
-    with pytest.raises(RecordError, match=r"diagnostics\.jsonl, line 3"):
+    with pytest.raises(RecordError, match=r"diagnostics\.jsonl, line 3: not JSON"):
         load_diagnostics(tmp_path)
     (tmp_path / "diagnostics.jsonl").write_text('{"step": 1}\n[1, 2]\n')
-    with pytest.raises(RecordError, match=r"diagnostics\.jsonl, line 2"):
+    with pytest.raises(RecordError, match=r"diagnostics\.jsonl, line 2: a diagnostics line"):
+        load_diagnostics(tmp_path)
+    (tmp_path / "diagnostics.jsonl").write_text('{"step": 1.5}\n')
+    with pytest.raises(RecordError, match="integer 'step'"):
         load_diagnostics(tmp_path)
 
 
@@ -116,6 +135,8 @@ def test_summary_table_at_last_step(blocks):
     assert a["λ_max"] == "13.3 (6.67..20), step 20" and m["λ_max"] == "20 (13.3..26.7), step 20"
     assert a["λ_max·lr/2"] == "0.133 (0.0667..0.2), step 20" and a["trace"] == "133 (66.7..200), step 20"
     assert m["off-block-diagonal share"] == "0.1 (0.0667..0.133), step 20"
+    assert a["step overshoot"] == "0.667 (0.333..1), step 20"
+    assert a["curvature along the step"] == "-"  # never recorded
 
 
 def test_role_table(blocks):
@@ -163,37 +184,46 @@ def test_pngs_and_text(blocks):
     for _, rel, _, path in imgs:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
         assert mpimg.imread(path)[..., :3].std() > 0.05  # decodes, not a blank canvas
-    assert mpimg.imread(imgs[0][3]).shape[:2] == (int(110 * (2.6 * 5 + 0.5)), 1210)  # 10 panels, 5 rows
+    # 11 panels with data (every PANELS entry), 2 per row: 6 rows of 2.6 inches + 0.5, 11 inches wide
+    assert mpimg.imread(imgs[0][3]).shape[:2] == (int(110 * (2.6 * 6 + 0.5)), 1210)
     text = " ".join(b[1] for b in out if b[0] == "p")
     assert "Diverged runs are left out: seed/muon/s3." in text
-    assert "4 pieces of 256 tokens" in text and "0.2" in text and "2/lr" in text
+    assert "4 pieces of 256 tokens" in text and "0.2" in text and "2/lr" in text and "(blocks: group)" in text
 
 
 def test_diag_phase_runs_replace_seed_runs(tmp_path):
-    """scripts/bench.py's diag phase re-runs the seed runs with diagnostics on: an arm that has such runs is
-    shown from them (adamw here, factors 10 and 30: 10x its seed values), the others from their seed
-    runs."""
+    """scripts/bench.py's diag phase re-runs the seed runs with diagnostics on (bench/plan.py): an arm that has
+    such runs is shown from them (adamw here, factors 10 and 30: 10x its seed values), the others from their
+    seed runs."""
     root = make_bench(tmp_path / "diag")
-    diag = []
+    setting = {k: ax["default"] for k, ax in SPACES["adamw"].items()}
     for seed, f in ((1, 10), (2, 30)):
-        d = write_run(root, "diag", "adamw", f"s{seed}", seed, {"optimizer.lr": 0.003}, STEPS,
-                      linear(5, 1 / 40, 2.5, STEPS))
+        d = write_run(root, "diag", "adamw", f"s{seed}", seed=seed, budget=BUDGET, setting=setting, final=3.0)
         (d / "diagnostics.jsonl").write_text("".join(json.dumps(diag_line(f, s)) + "\n" for s in DIAG_STEPS))
-        diag.append(load_run(d, ["optimizer.lr"]))
+    diag = load_runs(root, phases=("diag",))
+    assert [(r.phase, r.arm, r.trial, r.seed) for r in diag] == [("diag", "adamw", "s1", 1),
+                                                                 ("diag", "adamw", "s2", 2)]
     out = diagnostics_blocks(read_bench(root), load_runs(root) + diag, tmp_path / "plots", root)
     headers, rows = tables(out)[0]
     stable_rank = headers.index("update stable rank")
     assert [(r[0], r[1], r[stable_rank]) for r in rows] == [("adamw", "2", "200 (100..300)"),
                                                             ("muon", "2", "30 (20..40)")]
+    # build_report reads the diag phase itself, and runs.csv lists its runs beside the others
+    built = build_report(root)
+    assert "| adamw | 2 | 30 | 4 (2..6) | 200 (100..300) |" in built["md"].read_text()
+    assert built["csv"].read_text().count("\ndiag,adamw,") == 2
 
 
 def test_not_recorded(tmp_path):
     root = make_bench(tmp_path / "bare", diagnostics=False)
     plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "diagnostics_roles.png").write_bytes(b"stale")  # an earlier report's figure
     out = diagnostics_blocks(read_bench(root), load_runs(root), plots, root)
     assert [b[0] for b in out] == ["h2", "p"]
     assert "not recorded" in out[1][1] and "`diagnostics.every=N`" in out[1][1]
-    assert not list(plots.glob("diagnostics_*.png"))
+    assert "Diverged runs are left out: seed/muon/s3." in out[1][1]
+    assert not list(plots.glob("diagnostics_*.png"))  # the stale figure removed
     md = build_report(root)["md"].read_text()
     assert "Diagnostics were not recorded" in md and not list((root / "plots").glob("diagnostics_*"))
 
@@ -207,11 +237,14 @@ def test_corrupt_line_fails_the_report(tmp_path):
 
 
 def test_section_in_report(bench_dir):
+    before = {p for p in bench_dir.rglob("*") if p.is_file()}
     out = build_report(bench_dir)
     md = out["md"].read_text()
-    i, j = md.index("## Tuning trials"), md.index("## Diagnostics: why an optimizer wins")
-    assert i < j < md.index("## Caveats")
+    i, j, k = md.index("## Tuning"), md.index("## Validation curves"), md.index("## Diagnostics: why an optimizer wins")
+    assert i < j < k
     assert "![diagnostics over training](plots/diagnostics_trajectories.png)" in md
     assert "| adamw | 2 | 30 | 0.4 (0.2..0.6) | 20 (10..30) |" in md
     assert out["plot_diagnostics_roles"] == bench_dir / "plots" / "diagnostics_roles.png"
-    assert out["html"].read_text().count('<img src="data:image/png;base64,') == 5 + 2
+    assert out["plot_diagnostics_trajectories"] == bench_dir / "plots" / "diagnostics_trajectories.png"
+    assert {p for p in bench_dir.rglob("*") if p.is_file()} - before == set(out.values())  # every file listed
+    assert out["html"].read_text().count('<img src="data:image/png;base64,') == 3 + 2

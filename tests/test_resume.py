@@ -19,9 +19,9 @@ import torch
 import yaml
 from conftest import REPO, read_jsonl
 
+from bench.records import load_runs
 from harness.checkpoint import checkpoints, config_changes
 from harness.run import divergence
-from bench.records import load_runs
 
 OPTIMIZERS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml"))
 # Short intervals so that every optimizer's periodic machinery (Newton-Muon's statistics and K^-1, SOAP's
