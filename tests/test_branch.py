@@ -128,7 +128,7 @@ def test_refused_branches(runs, tmp_path):
         "missing step": (branch_args(parent, B, 12), no_step),
         "missing parent": (branch_args(missing), f"train.branch_from: {missing} is not a run directory"),
         "differing key": (branch_args(parent, B, S, "optimizer.lr=0.01"),
-                          "the parent run's config differs from this branch's: optimizer.lr: 0.003 -> 0.01;"),
+                          "the parent run's config differs from this branch's: optimizer.lr: 0.001 -> 0.01;"),
         "cosine parent": (["schedule=cosine", "schedule.warmup_steps=2", "train.max_steps=6",
                            f"train.branch_from={cosine}", "train.branch_step=4"], disagree),
         "step at max_steps": (branch_args(parent, B, B), f"train.branch_step: must be in (0, train.max_steps={B}) (got {B})"),

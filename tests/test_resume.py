@@ -154,7 +154,7 @@ def _corrupt_newest(run_dir, how):
     ("format", [], "step_00000006.pt: checkpoint format 0 (written by code"),
     ("renamed parameter", [], "step_00000006.pt: the model's parameters differ from this code's"),
     (None, ["train.max_steps=16"], "step_00000006.pt: checkpoint of another workload"),
-    (None, ["optimizer.lr=0.01"], "step_00000006.pt: written with another config: optimizer.lr: 0.003 -> 0.01"),
+    (None, ["optimizer.lr=0.01"], "step_00000006.pt: written with another config: optimizer.lr: 0.001 -> 0.01"),
 ])
 def test_bad_checkpoint_is_refused_and_nothing_changes(killed_run, tmp_path, how, overrides, message):
     run_dir = tmp_path / "run"
