@@ -22,6 +22,7 @@ from bench.diagnostics import diagnostics_blocks
 from bench.plots import make_plots
 from bench.records import RecordError, RunRecord, load_runs, read_bench
 from bench.render import to_html, to_markdown
+from bench.search import knob
 from harness.records import atomic_write_json, atomic_write_text
 
 
@@ -43,7 +44,7 @@ def p_cell(t: dict | None) -> str:
 
 
 def setting_str(setting: dict | None) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+    return ", ".join(f"{knob(k)}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
                      for k, v in (setting or {}).items()) or "-"
 
 
@@ -117,14 +118,14 @@ def tuning_blocks(analysis: dict) -> list[tuple]:
         if a["inherit"]:
             continue
         k = a["best_of_k"]
-        rows.append([name, ", ".join(f"{x.split('.')[-1]}" for x in a["tuned_knobs"]), str(a["n_trials"]),
+        rows.append([name, ", ".join(knob(x) for x in a["tuned_knobs"]), str(a["n_trials"]),
                      str(a["n_diverged"]), setting_str(a["chosen"]["setting"] if a["chosen"] else None),
                      fmt(a["chosen"]["final_val_loss"] if a["chosen"] else None), fmt(k[0] if k else None),
                      fmt(k[-1] if k else None)])
         for row in a["certificate"]:
             cells = [f"{c['value']:g}: {fmt(c['loss'])}" if c else "edge" for c in (row["down"], row["up"])]
             flag = "EDGE" if row["edge"] else "BEATEN" if row["beaten"] else "ok"
-            cert.append([name, row["axis"].split(".")[-1], f"{row['value']:g}", *cells, flag])
+            cert.append([name, knob(row["axis"]), f"{row['value']:g}", *cells, flag])
     return [("h2", "Tuning"),
             ("table", ["arm", "tuned knobs", "trials", "diverged", "chosen", "its loss (tuning seed)",
                        "expected best of 1", f"best of {analysis['bench']['search']['trials']}"], rows),

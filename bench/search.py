@@ -27,9 +27,14 @@ from bench.declaration import Axis, round_value
 Setting = dict[str, float]
 
 
+def knob(key: str) -> str:
+    """A tuned key as ids and tables print it: `optimizer.lr` -> `lr`; any other key in full (`hybrid.lr`)."""
+    return key.removeprefix("optimizer.")
+
+
 def setting_id(setting: Setting) -> str:
-    """A readable, unique id: `lr=0.003,weight_decay=0.1` (the last dotted component of each key)."""
-    return ",".join(f"{k.rsplit('.', 1)[-1]}={v:g}" for k, v in setting.items()) or "default"
+    """A readable, unique id: `lr=0.003,weight_decay=0.1,hybrid.lr=0.001`."""
+    return ",".join(f"{knob(k)}={v:g}" for k, v in setting.items()) or "default"
 
 
 def qmc_points(space: dict[str, Axis], trials: int, seed: int) -> list[Setting]:

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `python scripts/bench.py`
 
 from bench.declaration import LAUNCHERS, BenchError, load_bench
+from bench.records import RecordError
 from bench.run import run_benchmark
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
             paths = build_report(out)
             print(f"report: {paths['md']}\n        {paths['html']}\n        {paths['summary']}", flush=True)
-    except BenchError as e:
+    except (BenchError, RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -187,3 +187,12 @@ def test_reference_first_tuning_ties_the_shared_group_to_its_own_knobs(tmp_path)
                                   "decay_groups": ["embedding", "head"]})
     assert (c["hybrid"]["lr"], c["hybrid"]["weight_decay"]) == (1e-2, 0.3)
     assert (c["optimizer"]["lr"], c["optimizer"]["weight_decay"]) == (1e-2, 0.3)
+
+
+def test_setting_ids_name_non_optimizer_keys_in_full():
+    """The tune_hybrid_lr ablation tunes hybrid.lr beside optimizer.lr: the ids must tell them apart."""
+    assert setting_id({"optimizer.lr": 0.02, "optimizer.weight_decay": 0.1, "hybrid.lr": 0.003}) == \
+        "lr=0.02,weight_decay=0.1,hybrid.lr=0.003"
+    b = load_bench(str(REPO / "conf" / "bench" / "tiny.yaml"), tune_hybrid_lr=True)
+    assert list(b.space("muon")) == ["optimizer.lr", "optimizer.weight_decay", "hybrid.lr"]
+    assert b.space("muon")["hybrid.lr"].default == b.hybrid.lr and b.space("adam_mini_whole") == {}
