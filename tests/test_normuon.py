@@ -2,6 +2,7 @@
 through the Hybrid on the tiny GPT-2 (loss, save/load, seed), with the helpers of tests/test_muon.py."""
 
 import dataclasses
+
 import pytest
 import torch
 from conftest import rounding_tol
