@@ -15,6 +15,7 @@ from typing import Any
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from bench.records import RunRecord
 
@@ -59,6 +60,7 @@ def plot_loss_vs_budget(analysis: dict, path: Path) -> Path:
     _reference_lines(ax, analysis)
     ax.set_xscale("log")
     ax.set_xticks(b["budgets"], [str(x) for x in b["budgets"]])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the budgets are the only labels
     ax.set_xlabel("step budget (each point: a run whose schedule ends there)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.legend(fontsize=7, ncol=2)
