@@ -103,11 +103,13 @@ def choose(b: BenchConfig, out: Path, arm: str) -> dict[str, Any] | None:
 
 
 def certificate_runs(b: BenchConfig, out: Path, arm: str, chosen: dict[str, Any]) -> list[PlannedRun]:
-    """The chosen setting's neighbours the search did not run (outside the budget)."""
+    """The chosen setting's neighbours the search did not run (outside the budget); the reference's, under
+    hybrid.from_reference, with the shared group tied to its knobs as in its search."""
     searched = {setting_id(s) for s, _ in tune_trials(b, out, arm)}
-    return [PlannedRun(arm, "cert", setting_id(s), s, b.tuning_seed, b.full_budget)
+    tie = b.hybrid.from_reference and arm == b.reference
+    return [PlannedRun(arm, "cert", r.trial, r.setting, b.tuning_seed, b.full_budget)
             for _, _, s in certificate_points(b.space(arm), chosen["setting"])
-            if s is not None and setting_id(s) not in searched]
+            if s is not None and setting_id(s) not in searched for r in [_tune_run(b, arm, s, tie)]]
 
 
 def run_benchmark(b: BenchConfig, out: Path, dry_run: bool = False) -> dict[str, Any]:
@@ -141,7 +143,8 @@ def run_benchmark(b: BenchConfig, out: Path, dry_run: bool = False) -> dict[str,
               f"{c['final_val_loss']:.4f})", flush=True)
     decl["chosen"], decl["hybrid_used"] = chosen, hybrid
     save()
-    cert = [r for arm in searched if arm in chosen for r in certificate_runs(b, out, arm, chosen[arm])]
+    certified = [a for a in b.arms if not b.arms[a].inherit]  # the reference too under hybrid.from_reference
+    cert = [r for arm in certified if arm in chosen for r in certificate_runs(b, out, arm, chosen[arm])]
     launch(b, out, "cert (outside the budget)", cert, hybrid)
     launch(b, out, "seed", [r for arm, c in chosen.items() for r in seed_runs(b, arm, c["setting"])], hybrid)
     launch(b, out, "branch", [r for arm, c in chosen.items() for r in branch_runs(b, arm, c["setting"])], hybrid)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from bench.declaration import Axis, BenchError, load_bench, seed_pair
 from bench.plan import branch_runs, cooldown_start, seed_runs, trial_config
-from bench.run import _tune_run
+from bench.run import _tune_run, certificate_runs
 from bench.search import certificate_points, coordinate_rounds, qmc_points, setting_id
 from harness.config import register_configs
 
@@ -196,3 +196,17 @@ def test_setting_ids_name_non_optimizer_keys_in_full():
     b = load_bench(str(REPO / "conf" / "bench" / "tiny.yaml"), tune_hybrid_lr=True)
     assert list(b.space("muon")) == ["optimizer.lr", "optimizer.weight_decay", "hybrid.lr"]
     assert b.space("muon")["hybrid.lr"].default == b.hybrid.lr and b.space("adam_mini_whole") == {}
+
+
+def test_reference_certificate_runs_keep_the_tie(tmp_path):
+    b = load_bench(write(tmp_path, declaration(hybrid={"source": "test", "from_reference": True},
+                                               search={"method": "qmc", "trials": 2})))
+    runs = certificate_runs(b, tmp_path / "out", "adamw",
+                            {"setting": {"optimizer.lr": 3.0e-3, "optimizer.weight_decay": 0.1}})
+    assert len(runs) == 4 and all(r.phase == "cert" for r in runs)
+    for r in runs:
+        assert (r.setting["hybrid.lr"], r.setting["hybrid.weight_decay"]) == (
+            r.setting["optimizer.lr"], r.setting["optimizer.weight_decay"])
+        assert r.trial == setting_id({k: v for k, v in r.setting.items() if k.startswith("optimizer.")})
+    assert all("hybrid.lr" not in r.setting for r in certificate_runs(
+        b, tmp_path / "out", "muon", {"setting": {"optimizer.lr": 0.02, "optimizer.weight_decay": 0.1}}))
