@@ -63,3 +63,8 @@ def logits_tol(model, seq_len: int, logits) -> float:
     through the blocks and the head (d_model), relative to the logits' largest entry, in their dtype."""
     terms = model_path_terms(model.cfg, seq_len) + model.cfg.d_model
     return rounding_tol(terms, logits.dtype) * logits.abs().max().item()
+
+
+# The synthetic benchmark of the report tests (tests/synthetic_bench.py), as fixtures for tests/test_analysis.py
+# and tests/test_report.py; built only when a test asks for them.
+from synthetic_bench import an, built, main_bench, runs  # noqa: F401

@@ -14,7 +14,7 @@ import json
 
 import matplotlib.image as mpimg
 import pytest
-from test_report import SPACES, sid, write_bench, write_run
+from synthetic_bench import SPACES, sid, write_bench, write_run
 
 from bench.diagnostics import diagnostics_blocks, load_diagnostics, series
 from bench.records import RecordError, load_runs, read_bench
