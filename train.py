@@ -32,14 +32,10 @@ from data.shards import DataError
 from harness import checkpoint
 from harness.checkpoint import CheckpointError
 from harness.config import ConfigError, register_configs
-from harness.device import autocast, matmul_rates, synchronize
 from harness.diagnostics import flat_for_wandb
-from harness.distributed import LaunchError, shutdown
 from harness.preflight import preflight
 from harness.records import (
     MetricsLog,
-    atomic_write_json,
-    atomic_write_text,
     code_version,
     environment,
     summarize,
@@ -47,6 +43,9 @@ from harness.records import (
 from harness.run import Run, SetupError, banner, divergence, optimizer_name, setup
 from harness.schedule import lr_factor
 from optimizers.sharded import full
+from runtime.device import autocast, matmul_rates, synchronize
+from runtime.distributed import LaunchError, shutdown
+from runtime.files import atomic_write_json, atomic_write_text
 
 register_configs()
 STARTED = time.time()

@@ -23,7 +23,7 @@ from bench.plots import make_plots
 from bench.records import RecordError, RunRecord, load_runs, read_bench
 from bench.render import to_html, to_markdown
 from bench.search import knob
-from harness.records import atomic_write_json, atomic_write_text
+from runtime.files import atomic_write_json, atomic_write_text
 
 
 def fmt(x: Any, spec: str = ".3f") -> str:

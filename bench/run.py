@@ -19,7 +19,7 @@ from bench.declaration import BenchConfig, BenchError, declaration, workload_fie
 from bench.launch import launch
 from bench.plan import PlannedRun, branch_runs, recorded_loss, seed_runs
 from bench.search import certificate_points, coordinate_rounds, qmc_points, setting_id
-from harness.records import atomic_write_json
+from runtime.files import atomic_write_json
 
 TIED = ("lr", "weight_decay")  # the reference's own knobs that become the shared group's (hybrid.from_reference)
 

@@ -12,7 +12,6 @@ builds the optimizer's own typed spec from its `_target_`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from harness.diagnostics import DiagnosticsConfig
 from harness.schedule import SCHEDULES, ScheduleConfig  # ScheduleConfig is defined there, re-exported here
 from models.config import ModelConfig
 from optimizers.hybrid import SharedGroup
+from runtime.distributed import world_size
 
 
 class ConfigError(ValueError):
@@ -51,7 +51,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
     save_final: bool = True  # write model_final.pt (for scripts/export_hf.py)
     # With several processes: ddp (replicated model, gradients all-reduced) or fsdp (FSDP2 fully_shard of every
-    # block and the root: parameters, gradients and AdamW state sharded; see harness/distributed.py for limits)
+    # block and the root: parameters, gradients and AdamW state sharded; see runtime/distributed.py for limits)
     parallel: str = "ddp"
     threads: int = 0  # torch intra-op threads; 0 = torch's default (benchmarks running jobs in parallel set 1)
     # A run directory that already holds a complete run of the same workload is skipped (its summary is kept),
@@ -165,10 +165,6 @@ def build_optimizer_spec(node: DictConfig | dict) -> Any:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return spec
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def validate(cfg: Config) -> Any:

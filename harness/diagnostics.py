@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harness.records import _finite_or_none, atomic_write_text
 from models.base import differentiable_loss
 from optimizers.groups import row_blocks, row_slices
+from runtime.files import atomic_write_text, finite_or_none
 
 UPDATE_KEYS = ("update_rms", "update_rms_per_lr", "update_to_weight", "cos_update_grad", "update_top_sv",
                "update_stable_rank", "update_eff_rank", "update_nuc_over_fro", "weight_spectral_norm",
@@ -338,7 +338,7 @@ class Diagnostics:
             yield x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]
 
     def _noise(self, step: int) -> dict[str, Any]:
-        from harness.device import autocast  # the training forward's precision
+        from runtime.device import autocast  # the training forward's precision
 
         was_training = self.model.training
         self.model.train()  # the same mode as the training forward (no dropout in these models)
@@ -407,7 +407,7 @@ class Diagnostics:
         self.total_s += time.perf_counter() - t0
         if self.write:
             with open(self.path, "a") as f:
-                f.write(json.dumps(_finite_or_none(rec), allow_nan=False) + "\n")
+                f.write(json.dumps(finite_or_none(rec), allow_nan=False) + "\n")
         return rec
 
     def _probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

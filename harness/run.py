@@ -23,15 +23,15 @@ from harness import branch as branching
 from harness import checkpoint
 from harness.checkpoint import CheckpointError
 from harness.config import Config, ConfigError, validate, world_size
-from harness.device import resolve_precision
 from harness.diagnostics import Diagnostics
-from harness.distributed import Dist, init
 from harness.hooks import InputHooks
 from harness.records import REPO, workload_hash
 from harness.schedule import eval_steps
 from models import ROLE_GROUP, build_model
 from optimizers.groups import ParamSplit, split_parameters
 from optimizers.hybrid import Hybrid, build_optimizer
+from runtime.device import resolve_precision
+from runtime.distributed import Dist, init
 
 RECORD_FILES = ("summary.json", "metrics.jsonl", "model_final.pt", "diagnostics.jsonl")
 LOCK_FILE = ".lock"
@@ -65,7 +65,7 @@ class Run:
     # "parent_max_steps"}), and whether this launch starts it from the parent's checkpoint (then that is `resume`)
     branch: dict[str, Any] | None = None
     branch_start: bool = False
-    dist: Dist = field(default_factory=Dist)  # rank, world size, collectives (harness/distributed.py)
+    dist: Dist = field(default_factory=Dist)  # rank, world size, collectives (runtime/distributed.py)
     lock: RunLock | None = None  # held by rank 0 while the run writes its directory
     diagnostics: Diagnostics | None = None  # diagnostics.every > 0, rank 0 only (harness/diagnostics.py)
 

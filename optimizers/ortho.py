@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from harness.device import bf16_is_fast
+from runtime.device import bf16_is_fast
 
 # Keller Jordan's NS5 coefficients: a steep slope at 0 (3.4445) bought by not converging to 1; after 5 steps
 # [0.01, 1] maps into ~[0.68, 1.13] (optimizers.md 1.2), which his experiments found harmless.
@@ -50,7 +50,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 def compute_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
     """The dtype NS/Polar Express iterate in: "auto" = bf16 where bf16 matmuls are fast on `device`
-    (CUDA with bf16; on CPU only when measured so, harness/device.py), fp32 otherwise."""
+    (CUDA with bf16; on CPU only when measured so, runtime/device.py), fp32 otherwise."""
     if dtype == "auto":
         return torch.bfloat16 if bf16_is_fast(torch.device(device)) else torch.float32
     if dtype not in DTYPES:

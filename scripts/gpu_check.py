@@ -16,7 +16,7 @@ Steps, in order, each a subprocess tree with its own time budget (seconds; --bud
             twice with the same seed: how far apart the losses are (fails beyond 1e-2 relative)
   torchrun  a 1-process nccl all-reduce under torchrun, then train.py under torchrun (WORLD_SIZE=1 takes the
             harness's single-process path: nccl itself is exercised by the probe, not by train.py)
-  fsdp      train.parallel=fsdp in one process is refused with harness/distributed.py's one-line error
+  fsdp      train.parallel=fsdp in one process is refused with runtime/distributed.py's one-line error
 A step past its budget is killed (its process groups) and recorded as timed_out, and the next one runs; the
 results are rewritten atomically after every step. Exit 1 when a step failed or timed out (each named on
 stderr), 2 without CUDA (nothing run). Run directories and logs: <out>/runs/<time>/ (ignored by git).
@@ -39,7 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.records import atomic_write_json, atomic_write_text, code_version
+from harness.records import code_version
+from runtime.files import atomic_write_json, atomic_write_text
 
 PY, THIS = sys.executable, "scripts/gpu_check.py"
 CONF = REPO / "conf"
@@ -49,7 +50,7 @@ PRESET = "gpt2_124m"
 PERF_OPTIMIZERS = ["adamw", "muon", "muon_fp32", "normuon", "polargrad", "newton_muon", "adam_mini", "soap"]
 DETERMINISM_RTOL = 1e-2  # compiled bf16 on a GPU need not repeat bitwise; a gross mismatch fails
 FSDP_REFUSAL = ("error: train.parallel=fsdp needs several processes (WORLD_SIZE is 1): launch with torchrun or "
-                "accelerate launch, or use train.parallel=ddp")  # harness/distributed.py, init()
+                "accelerate launch, or use train.parallel=ddp")  # runtime/distributed.py, init()
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
 MARK = "GPU_CHECK_JSON "  # a probe's result line

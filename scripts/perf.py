@@ -41,13 +41,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness.config import register_configs, validate
-from harness.device import autocast, matmul_rates, resolve_device, resolve_precision, synchronize
 from harness.hooks import InputHooks
-from harness.records import atomic_write_json, atomic_write_text, environment
+from harness.records import environment
 from harness.run import to_typed
 from models import ROLE_GROUP, build_model
 from optimizers import ortho
 from optimizers.groups import row_slices, split_parameters
+from runtime.device import autocast, matmul_rates, resolve_device, resolve_precision, synchronize
+from runtime.files import atomic_write_json, atomic_write_text
 
 # Presets: model and global batch (sequences x tokens); micro = global (no accumulation) unless given.
 PRESETS = {

@@ -2,7 +2,7 @@
 
 import torch
 
-from harness.device import bf16_is_fast, matmul_rates, resolve_device, resolve_precision
+from runtime.device import bf16_is_fast, matmul_rates, resolve_device, resolve_precision
 
 
 def test_probe_does_not_shift_global_rng():

@@ -14,12 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import REPO, read_jsonl
 
-from harness.distributed import shutdown
 from optimizers import ortho
 from optimizers.muon import Muon
 from optimizers.newton_muon import NewtonMuon
 from optimizers.normuon import NorMuon
 from optimizers.polargrad import PolarGrad
+from runtime.distributed import shutdown
 
 # fp32 tolerance of the equivalence (relative, on every logged loss). Measured here: 0 for AdamW, Muon,
 # Newton-Muon and Adam-mini (bit-identical), 4.8e-7 absolute for PolarGrad (QDWH batched over 8 vs 16 matrices),

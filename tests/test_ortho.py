@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from harness.device import bf16_is_fast
 from optimizers.ortho import (
     KELLER,
     POLAR_EXPRESS_COEFFS,
@@ -21,6 +20,7 @@ from optimizers.ortho import (
     qdwh,
     qdwh_ns,
 )
+from runtime.device import bf16_is_fast
 
 
 def with_singular_values(s: torch.Tensor, m: int, n: int, seed: int = 0) -> torch.Tensor:

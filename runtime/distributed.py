@@ -27,8 +27,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from harness.config import world_size
-from harness.device import resolve_device
+from runtime.device import resolve_device
+
+
+def world_size() -> int:
+    """The number of processes the launcher started (WORLD_SIZE; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class LaunchError(RuntimeError):
