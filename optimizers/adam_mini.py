@@ -19,8 +19,8 @@ embedding follows the reference by default: on the authors' GPT-2 example its na
 none of the reference's name lists (the embedding names are "embed", "embd", "wte"), so 1.1.1 puts it in the
 "other" branch, one v for the whole tensor; tests/test_adam_mini.py checks the counts and the update against
 the adam-mini 1.1.1 package. That follows from the name matching rather than from a documented choice, so the
-option pos_embed="row" (optimizer.pos_embed=row; this module's partition before) treats the table like the
-token embedding, one block per row, for an ablation.
+option pos_embed="row" (optimizer.pos_embed=row) treats the table like the token embedding, one block per
+row, for an ablation.
 
 Update per block b (optimizers.md 4.2), lr eta, betas (beta1, beta2), weight decay lambda, step t:
 
@@ -36,12 +36,12 @@ Update per block b (optimizers.md 4.2), lr eta, betas (beta1, beta2), weight dec
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from optimizers.adamw import check_adam_hparams
 from optimizers.groups import GROUPS, ParamSplit
+from optimizers.hparams import Spec, SpecOptimizer, knob
 
 # A partition of one tensor: segments (n_blocks, rows_per_block) over the rows of the tensor viewed as
 # (sum n_blocks * rows_per_block, -1); e.g. a GPT-2 fused QKV of d = 4 heads x 32 rows is
@@ -51,12 +51,6 @@ Blocks = tuple[tuple[int, int], ...]
 ROW_ROLES = ("attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down", "embed", "head")
 GRANULARITIES = ("block", "element")  # element: one v per entry, i.e. AdamW (a test of the maths)
 POS_EMBEDS = ("tensor", "row")  # the position embedding: one v for the table (reference 1.1.1), or per row
-
-
-def check_pos_embed(prefix: str, pos_embed: str) -> None:
-    """Raise ValueError("<prefix>pos_embed: ...") unless `pos_embed` is one of POS_EMBEDS."""
-    if pos_embed not in POS_EMBEDS:
-        raise ValueError(f"{prefix}pos_embed: {pos_embed!r} is not one of {', '.join(POS_EMBEDS)}")
 
 
 def _heads(role: str, layout: Mapping[str, int], *keys: str) -> list[int]:
@@ -74,9 +68,12 @@ def _row_roles(pos_embed: str) -> tuple[str, ...]:
 def partition(role: str, shape: Sequence[int], layout: Mapping[str, int], granularity: str = "block",
               pos_embed: str = "tensor") -> Blocks:
     """The v1.1 blocks of a tensor of `shape` with declared `role` (module docstring); raises ValueError
-    when a per-head role's rows do not match the layout {"n_head", "n_kv_head", "head_dim"}. `pos_embed`
-    ("tensor" or "row") partitions the position embedding."""
-    check_pos_embed("", pos_embed)
+    when a per-head role's rows do not match the layout {"n_head", "n_kv_head", "head_dim"}, or for an unknown
+    `granularity` or `pos_embed` ("tensor" or "row": how the position embedding is partitioned)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed: {pos_embed!r} is not one of {', '.join(POS_EMBEDS)}")
     row_roles = _row_roles(pos_embed)
     numel = 1
     for s in shape:
@@ -135,30 +132,22 @@ def adam_mini_update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: to
         P.view(n, -1).addcdiv_(M.view(n, -1), D[:, None], value=-lr / bias_correction1)
 
 
-def check_hparams(prefix: str, *, lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
-    """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by AdamMiniSpec and AdamMini)."""
-    check_adam_hparams(prefix, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-
-
-class AdamMini(torch.optim.Optimizer):
-    """Adam-mini over param groups whose dicts carry "roles" (one declared role per parameter); the model's
-    attention `layout` is needed for per-head roles. Each group gets "blocks", its parameters' partitions
-    (saved with the state dict, so a loaded state always matches its v shapes).
+class AdamMini(SpecOptimizer):
+    """Adam-mini over param groups whose dicts carry "roles" (one declared role per parameter), with an
+    AdamMiniSpec's hyperparameters (its pos_embed: the position embedding's partition, "tensor" (one block,
+    the reference's) or "row"); the model's attention `layout` is needed for per-head roles. Each group gets
+    "blocks", its parameters' partitions (saved with the state dict, so a loaded state always matches its v
+    shapes).
 
     State per parameter: "step" (int), "m" (p's shape and dtype), "v" (one scalar per block, p's dtype,
-    as torch's AdamW keeps its moments). `granularity="element"` makes every entry a block: AdamW exactly.
-    `pos_embed`: the position embedding's partition, "tensor" (one block, the reference's) or "row".
+    as torch's AdamW keeps its moments). `granularity="element"` makes every entry a block: AdamW exactly
+    (a test of the maths, not a spec knob).
     """
 
-    def __init__(self, params, lr: float = 3e-3, betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1, *, layout: Mapping[str, int] | None = None,
-                 granularity: str = "block", pos_embed: str = "tensor"):
-        check_hparams("", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity: {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-        check_pos_embed("", pos_embed)
-        self.layout, self.granularity, self.pos_embed = dict(layout or {}), granularity, pos_embed
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+    def __init__(self, params, spec: AdamMiniSpec, *, layout: Mapping[str, int] | None = None,
+                 granularity: str = "block"):
+        self.layout, self.granularity = dict(layout or {}), granularity
+        super().__init__(params, spec)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -168,7 +157,7 @@ class AdamMini(torch.optim.Optimizer):
             raise ValueError("AdamMini: each param group needs 'roles', one declared role per parameter "
                              f"(got {roles!r} for {len(group['params'])} parameters)")
         group["roles"] = list(roles)
-        group["blocks"] = [partition(r, p.shape, self.layout, self.granularity, self.pos_embed)
+        group["blocks"] = [partition(r, p.shape, self.layout, self.granularity, self.spec.pos_embed)
                            for p, r in zip(group["params"], roles)]
 
     def summary(self) -> str:
@@ -178,10 +167,11 @@ class AdamMini(torch.optim.Optimizer):
             for p, role, blocks in zip(group["params"], group["roles"], group["blocks"]):
                 row = rows.setdefault(role, [0, 0, 0])
                 row[0], row[1], row[2] = row[0] + 1, row[1] + p.numel(), row[2] + sum(n for n, _ in blocks)
-        title = f"v1.1, one v scalar per block; pos_embed {self.pos_embed}; layout {self.layout or 'none'}"
+        layout = self.layout or "none"
+        title = f"v1.1, one v scalar per block; pos_embed {self.spec.pos_embed}; layout {layout}"
         lines = [f"Adam-mini partition ({title}):",
                  f"  {'role':<10} {'partition':<24} {'tensors':>7} {'params':>14} {'v scalars':>11}"]
-        rules = {role: rule_name(role, self.granularity, self.pos_embed) for role in rows}
+        rules = {role: rule_name(role, self.granularity, self.spec.pos_embed) for role in rows}
         lines += [f"  {role:<10} {rules[role]:<24} {t:>7} {n:>14,} {b:>11,}"
                   for role, (t, n, b) in rows.items()]
         t, n, b = (sum(r[i] for r in rows.values()) for i in range(3))
@@ -189,12 +179,7 @@ class AdamMini(torch.optim.Optimizer):
                      "x AdamW's m + v)")
         return "\n".join(lines)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def update(self) -> None:
         for group in self.param_groups:
             for p, blocks in zip(group["params"], group["blocks"]):
                 if p.grad is None:
@@ -208,23 +193,17 @@ class AdamMini(torch.optim.Optimizer):
                 adam_mini_update(p, p.grad, state["m"], state["v"], blocks=blocks, step=state["step"],
                                  lr=group["lr"], betas=group["betas"], eps=group["eps"],
                                  weight_decay=group["weight_decay"])
-        return loss
 
 
 @dataclass
-class AdamMiniSpec:
-    lr: float = 1e-3  # peak lr; the schedule multiplies it. AdamW's here, as the README advises reusing it
+class AdamMiniSpec(Spec):
+    lr: float = knob(1e-3, gt=0)  # peak lr (the schedule multiplies it): AdamW's, as the README advises
     # AdamW's betas here, so the two compare at equal settings; the paper and reference code use (0.9, 0.999)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # decoupled, on matrices, embeddings and head; never on gains/biases
+    betas: list[float] = knob([0.9, 0.95], pair_in=(0, 1))
+    eps: float = knob(1e-8, gt=0)
+    weight_decay: float = knob(0.1, ge=0)  # decoupled, on matrices, embeddings and head; never gains/biases
     # the position embedding's partition: "tensor" (reference 1.1.1: one v for the whole table) | "row"
-    pos_embed: str = "tensor"
-
-    def validate(self, key: str = "optimizer") -> None:
-        """Raise ValueError("<key>.<field>: ...") for impossible values (key = where this spec sits)."""
-        check_hparams(f"{key}.", lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
-        check_pos_embed(f"{key}.", self.pos_embed)
+    pos_embed: str = knob("tensor", choices=POS_EMBEDS, param_group=False)
 
     def build(self, split: ParamSplit) -> AdamMini:
         """Adam-mini over the four groups of the split, partitioned by role; prints the partition."""
@@ -233,7 +212,6 @@ class AdamMiniSpec:
              "weight_decay": 0.0 if g == "gain_bias" else self.weight_decay}
             for g in GROUPS if (infos := split.infos(g))
         ]
-        opt = AdamMini(groups, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
-                       layout=split.layout, pos_embed=self.pos_embed)
+        opt = AdamMini(groups, self, layout=split.layout)
         print(opt.summary())
         return opt

@@ -21,7 +21,7 @@ stacked 3d x d matrix as one, the ablation).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -55,12 +55,26 @@ class ParamSplit:
         """The same split with every other group emptied (a whole-model method restricted to some groups)."""
         return ParamSplit({g: list(v) if g in groups else [] for g, v in self.groups.items()}, dict(self.layout))
 
+    def decay_param_groups(self, weight_decay: float, decay_groups: Collection[str],
+                           groups: Iterable[str] = GROUPS) -> list[dict]:
+        """Param groups of the named groups that hold parameters, each with weight_decay on `decay_groups`
+        and 0 on the others."""
+        return [{"params": self.params(g), "group": g,
+                 "weight_decay": weight_decay if g in decay_groups else 0.0}
+                for g in groups if self.groups[g]]
+
     def counts(self) -> dict[str, tuple[int, int]]:
         """group -> (number of tensors, number of scalars)."""
         return {g: (len(ps), sum(p.param.numel() for p in ps)) for g, ps in self.groups.items()}
 
     def describe(self) -> str:
         return "\n".join(f"  {g:<10} {n:>4} tensors {k:>14,} params" for g, (n, k) in self.counts().items())
+
+
+def group_names_problem(names: Iterable[str]) -> str | None:
+    """Why `names` (a spec's decay_groups) are not all groups of GROUPS, or None: a knob's check."""
+    unknown = set(names) - set(GROUPS)
+    return f"unknown groups {sorted(unknown)} (known: {GROUPS})" if unknown else None
 
 
 def split_parameters(
@@ -97,7 +111,7 @@ def split_parameters(
 
 
 def require_matrices(optimizer_name: str, params) -> None:
-    """Matrix methods (Muon, PolarGrad, ...) are defined on 2-D weights only; refuse anything else clearly."""
+    """Matrix methods (Muon, PolarGrad, SOAP) are defined on 2-D weights only; refuse anything else."""
     for p in params:
         if p.ndim != 2:
             raise ValueError(f"{optimizer_name} takes 2-D matrices only; got a parameter of shape {tuple(p.shape)} "
@@ -142,6 +156,22 @@ def check_row_blocks(group: dict) -> None:
             raise ValueError(f"row_blocks: {tuple(rows)} do not split the {p.shape[0]} rows of a "
                              f"{tuple(p.shape)} matrix")
     group["row_blocks"] = [tuple(r) for r in blocks]
+
+
+def matrices_with_grad(group: dict) -> list[tuple[torch.Tensor, tuple[int, ...] | None]]:
+    """(parameter, its "row_blocks" or None for one matrix) for each parameter of `group` with a gradient."""
+    blocks = group.get("row_blocks") or [None] * len(group["params"])
+    return [(p, rows) for p, rows in zip(group["params"], blocks) if p.grad is not None]
+
+
+def split_rows(tensors: Iterable[torch.Tensor], pieces: Iterable[list[slice]]) -> list[torch.Tensor]:
+    """The matrices the tensors hold, in order: each tensor's rows cut by its `row_slices` (views)."""
+    return [t[r] for t, sl in zip(tensors, pieces) for r in sl]
+
+
+def join_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The per-matrix pieces of one parameter stacked back along the rows (one piece: itself)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def row_slices(rows: tuple[int, ...] | None, total: int) -> list[slice]:

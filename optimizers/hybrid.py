@@ -4,7 +4,10 @@ Muon-like methods are defined for 2-D hidden weights only; embeddings, the outpu
 go to AdamW (Keller Jordan's MuonWithAuxAdam, Moonlight). The split comes from optimizers/groups.py, the
 same for every method, so a spec's build() is one line:
 
-    return with_aux_adamw(Muon(split.params("hidden"), lr=self.lr, ...), split, self.aux)
+    return with_aux_adamw(Muon([matrix_group(split.infos("hidden"), split.layout, self.qkv)], self), split,
+                          self.aux)
+
+`CombinedOptimizer` steps the two as one; `aux_adamw` is the matrix methods' default auxiliary AdamW.
 
 Protocol v2's shared group (`hybrid` in the run config, set by every benchmark): one AdamW with one set of
 settings trains embeddings, head and gains/biases in every arm, so the arm under test owns only the hidden
@@ -27,7 +30,7 @@ from optimizers.groups import ParamSplit
 AUX_GROUPS = ("embedding", "head", "gain_bias")
 
 
-class Hybrid:
+class CombinedOptimizer:
     """Several optimizers over disjoint parameters, behaving like one for the training loop.
 
     `param_groups` is the concatenation of the members' group dicts (the same dict objects, so the LR
@@ -66,20 +69,28 @@ class Hybrid:
             o.load_state_dict(s)
 
     def __getattr__(self, name: str):
-        # Only reached for attributes Hybrid lacks: forward optional protocol methods to a member.
+        # Only reached for attributes CombinedOptimizer lacks: forward optional protocol methods to a member.
         for o in self.__dict__.get("optimizers", []):
             if hasattr(o, name):
                 return getattr(o, name)
         raise AttributeError(name)
 
     def __repr__(self) -> str:
-        return f"Hybrid({', '.join(type(o).__name__ for o in self.optimizers)})"
+        return f"CombinedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
 
 
-def with_aux_adamw(matrix: torch.optim.Optimizer, split: ParamSplit, aux: AdamWSpec) -> Hybrid:
+def with_aux_adamw(matrix: torch.optim.Optimizer, split: ParamSplit, aux: AdamWSpec) -> CombinedOptimizer:
     """`matrix` (already built over split.params("hidden")) plus AdamW over the other groups."""
     has_aux = any(split.groups[g] for g in AUX_GROUPS)
-    return Hybrid(matrix, aux.build(split, groups=AUX_GROUPS) if has_aux else None)
+    return CombinedOptimizer(matrix, aux.build(split, groups=AUX_GROUPS) if has_aux else None)
+
+
+def aux_adamw(**changes: Any) -> AdamWSpec:
+    """A matrix method's own auxiliary AdamW (embeddings, a tied or untied head, gains/biases), for a user's
+    runs; a benchmark replaces it by its shared group. AdamWSpec's defaults (lr 1e-3, a-priori) without decay,
+    as Keller's aux Adam, so matrix methods differ only in their hidden-matrix rule; `changes` replace fields
+    (SOAP: its own lr)."""
+    return AdamWSpec(**{"weight_decay": 0.0, "decay_groups": ["embedding", "head"], **changes})
 
 
 @dataclass

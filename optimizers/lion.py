@@ -20,44 +20,30 @@ gains/biases.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from optimizers.adamw import check_adam_hparams
-from optimizers.groups import GROUPS, ParamSplit
+from optimizers.groups import ParamSplit, group_names_problem
+from optimizers.hparams import Spec, SpecOptimizer, knob
 
 
 def lion_update(grad: torch.Tensor, exp_avg: torch.Tensor, *, betas: tuple[float, float]) -> torch.Tensor:
     """sign(b1 m + (1 - b1) g): what W moves along, times lr (before weight decay). Then
     m <- b2 m + (1 - b2) g in place; `grad` is left untouched. Both are formed as lion-pytorch 0.2.5 forms them
-    (m * b, then add with alpha), not with lerp, whose other rounding left m a bit off the reference's and so
-    could flip the sign of a c near 0: the same operations make Lion bit-identical to it (tests)."""
+    (m * b, then add with alpha), not with lerp, whose other rounding leaves m a bit off the reference's and
+    so can flip the sign of a c near 0: the same operations make Lion bit-identical to it (tests)."""
     b1, b2 = betas
     direction = exp_avg.mul(b1).add_(grad, alpha=1 - b1).sign_()
     exp_avg.mul_(b2).add_(grad, alpha=1 - b2)
     return direction
 
 
-def check_hparams(prefix: str, *, lr: float, betas, weight_decay: float) -> None:
-    """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by LionSpec and Lion)."""
-    check_adam_hparams(prefix, lr=lr, betas=betas, weight_decay=weight_decay)
+class Lion(SpecOptimizer):
+    """Lion over any param groups (tensors of any shape), with a LionSpec's hyperparameters; state: one
+    "exp_avg" per parameter. p.grad is never modified."""
 
-
-class Lion(torch.optim.Optimizer):
-    """Lion over any param groups (tensors of any shape); state: one "exp_avg" per parameter. p.grad is never
-    modified."""
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
-        check_hparams("", lr=lr, betas=betas, weight_decay=weight_decay)
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def update(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -68,28 +54,16 @@ class Lion(torch.optim.Optimizer):
                 direction = lion_update(p.grad, state["exp_avg"], betas=group["betas"])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(direction, alpha=-group["lr"])
-        return loss
 
 
 @dataclass
-class LionSpec:
-    lr: float = 3e-4  # peak lr; AdamW's 1e-3 / 3.3 (paper: 3-10x smaller than AdamW's; see the docstring)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # paper's defaults
-    weight_decay: float = 0.3  # decoupled, W <- W (1 - lr wd); AdamW's 0.1 x 3 (paper: 3-10x larger)
-    decay_groups: list[str] = field(default_factory=lambda: ["hidden", "embedding", "head"])
-
-    def validate(self, key: str = "optimizer") -> None:
-        """Raise ValueError("<key>.<field>: ...") for impossible values (key = where this spec sits)."""
-        check_hparams(f"{key}.", lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        unknown = set(self.decay_groups) - set(GROUPS)
-        if unknown:
-            raise ValueError(f"{key}.decay_groups: unknown groups {sorted(unknown)} (known: {GROUPS})")
+class LionSpec(Spec):
+    lr: float = knob(3e-4, gt=0)  # peak lr; AdamW's 1e-3 / 3.3 (paper: 3-10x smaller; module docstring)
+    betas: list[float] = knob([0.9, 0.99], pair_in=(0, 1))  # paper's defaults
+    weight_decay: float = knob(0.3, ge=0)  # decoupled, W <- W (1 - lr wd); AdamW's 0.1 x 3 (paper: 3-10x)
+    decay_groups: list[str] = knob(["hidden", "embedding", "head"], check=group_names_problem,
+                                   param_group=False)  # where weight_decay applies (never gains/biases)
 
     def build(self, split: ParamSplit) -> Lion:
         """Lion over all four groups of the split, weight decay only on `decay_groups`."""
-        groups = [
-            {"params": split.params(g), "group": g,
-             "weight_decay": self.weight_decay if g in self.decay_groups else 0.0}
-            for g in GROUPS if split.groups[g]
-        ]
-        return Lion(groups, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+        return Lion(split.decay_param_groups(self.weight_decay, self.decay_groups), self)

@@ -33,13 +33,17 @@ from optimizers.groups import (
     QKV_MODES,
     ParamSplit,
     check_row_blocks,
+    join_rows,
+    matrices_with_grad,
     matrix_group,
     require_matrices,
     row_slices,
+    split_rows,
 )
-from optimizers.hybrid import Hybrid, with_aux_adamw
-from optimizers.ortho import DTYPES, METHODS, compute_dtype, orthogonalize, orthogonalize_many
-from optimizers.sharded import apply_, full
+from optimizers.hparams import Spec, SpecOptimizer, knob
+from optimizers.hybrid import CombinedOptimizer, aux_adamw, with_aux_adamw
+from optimizers.ortho import METHODS, compute_dtype, dtype_problem, orthogonalize, orthogonalize_many
+from optimizers.sharded import apply_update_, unshard
 
 SCALES = {
     "keller": lambda m, n: math.sqrt(max(1.0, m / n)),
@@ -60,42 +64,23 @@ def momentum_direction(grad: torch.Tensor, buf: torch.Tensor, *, momentum: float
     return grad.lerp(buf, momentum) if nesterov else buf
 
 
-def muon_update(grad: torch.Tensor, buf: torch.Tensor, *, momentum: float = 0.95, nesterov: bool = True,
-                backend: str = "ns", steps: int = 5, dtype: torch.dtype = torch.bfloat16,
-                scale: str = "keller") -> torch.Tensor:
-    """s(m, n) * orthogonalize(momentum direction): what W moves along, times lr (before weight decay).
-    Updates `buf` in place; returns grad's dtype."""
+def muon_update(grad: torch.Tensor, buf: torch.Tensor, *, momentum: float, nesterov: bool, backend: str,
+                steps: int | None, dtype: torch.dtype, scale: str) -> torch.Tensor:
+    """s(m, n) * orthogonalize(momentum direction): what W moves along, times lr (before weight decay), for
+    one matrix. Updates `buf` in place; returns grad's dtype."""
     U = momentum_direction(grad, buf, momentum=momentum, nesterov=nesterov)
     return orthogonalize(U, backend, steps, dtype) * scale_factor(grad.shape, scale)
 
 
-def check_hparams(prefix: str, *, lr: float, momentum: float, weight_decay: float, ns_steps: int, backend: str,
-                  scale: str, dtype: str) -> None:
-    """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by MuonSpec and Muon)."""
-    if not lr > 0:
-        raise ValueError(f"{prefix}lr: must be > 0 (got {lr})")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"{prefix}momentum: must be in [0, 1) (got {momentum})")
-    if weight_decay < 0:
-        raise ValueError(f"{prefix}weight_decay: must be >= 0 (got {weight_decay})")
-    if ns_steps < 1:
-        raise ValueError(f"{prefix}ns_steps: must be >= 1 (got {ns_steps})")
-    if backend not in METHODS:
-        raise ValueError(f"{prefix}backend: {backend!r} is not one of {', '.join(METHODS)}")
-    if scale not in SCALES:
-        raise ValueError(f"{prefix}scale: {scale!r} is not one of {', '.join(SCALES)}")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"{prefix}dtype: {dtype!r} is not auto, {', '.join(DTYPES)}")
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon over param groups of 2-D matrices (like torch.optim.Muon; non-2-D parameters are refused).
+class Muon(SpecOptimizer):
+    """Muon over param groups of 2-D matrices (like torch.optim.Muon; non-2-D parameters are refused), with
+    the hyperparameters of a MuonSpec.
 
     `ns_steps` is the iteration count of the back-end (NS/Polar Express steps, QDWH's maximum; unused by
     svd); `dtype` the NS/Polar Express dtype ("auto": bf16 where measured fast, else fp32). Same-shape
     matrices of a group are orthogonalized in one batched call.
 
-    Subclasses change one stage of `step()` by overriding it; each works on one parameter:
+    Subclasses change one stage of `update()` by overriding it; each works on one parameter:
 
         transform_grad(p, grad, state) -> grad      raw gradient, before momentum (Newton-Muon: G K^-1);
                                                     default: unchanged
@@ -104,21 +89,10 @@ class Muon(torch.optim.Optimizer):
                     -> update                       fused parameter, or all of p) -> their update (NorMuon:
                                                     row normalization); default: O * scale_factor(O.shape)
 
-    then `step()` applies W <- W (1 - lr wd) - lr * update. p.grad is never modified. A group's optional
+    then `update()` applies W <- W (1 - lr wd) - lr * update. p.grad is never modified. A group's optional
     "row_blocks" (one tuple of row counts per parameter, optimizers/groups.py: matrix_group) cuts a parameter
     into separate matrices for the orthogonalization and shape_update; without it each parameter is one.
     """
-
-    supports_fsdp = True  # whole-matrix step on sharded parameters: optimizers/sharded.py
-
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, backend: str = "ns", scale: str = "keller",
-                 dtype: str = "auto"):
-        check_hparams("", lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
-                      backend=backend, scale=scale, dtype=dtype)
-        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
-                    "ns_steps": ns_steps, "backend": backend, "scale": scale, "dtype": dtype}
-        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -138,71 +112,40 @@ class Muon(torch.optim.Optimizer):
                      rows: slice = slice(None)) -> torch.Tensor:
         return O * scale_factor(O.shape, group["scale"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def update(self) -> None:
         for group in self.param_groups:
-            blocks = group.get("row_blocks") or [None] * len(group["params"])
-            params = [(p, rows) for p, rows in zip(group["params"], blocks) if p.grad is not None]
+            params = matrices_with_grad(group)
             if not params:
                 continue
-            directions = [self.direction(p, self.transform_grad(p, full(p.grad), self.state[p]), self.state[p],
-                                         group) for p, _ in params]
+            directions = [self.direction(p, self.transform_grad(p, unshard(p.grad), self.state[p]),
+                                         self.state[p], group) for p, _ in params]
             pieces = [row_slices(rows, U.size(0)) for (_, rows), U in zip(params, directions)]
-            ortho = iter(orthogonalize_many([U[r] for U, sl in zip(directions, pieces) for r in sl],
-                                            group["backend"], group["ns_steps"],
-                                            compute_dtype(params[0][0].device, group["dtype"])))
+            dtype = compute_dtype(params[0][0].device, group["dtype"])
+            matrices = split_rows(directions, pieces)
+            ortho = iter(orthogonalize_many(matrices, group["backend"], group["ns_steps"], dtype))
             for (p, _), sl in zip(params, pieces):
-                parts = [self.shape_update(p, next(ortho), self.state[p], group, r) for r in sl]
-                update = parts[0] if len(parts) == 1 else torch.cat(parts)
+                update = join_rows([self.shape_update(p, next(ortho), self.state[p], group, r) for r in sl])
                 # decoupled weight decay with the unscaled lr; a sharded p takes its rows of the update
-                apply_(p, update, 1 - group["lr"] * group["weight_decay"], -group["lr"])
-        return loss
-
-
-
-def aux_adamw_default() -> AdamWSpec:
-    # AdamW for embeddings (the tied head of GPT-2), untied heads and gains, for a user's own runs (a benchmark
-    # replaces it by its shared group): AdamW's default lr 1e-3, a-priori (v1's 1e-2 had been picked on a
-    # benchmark workload). No decay, as Keller's aux Adam.
-    return AdamWSpec(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0, decay_groups=["embedding", "head"])
+                apply_update_(p, update, 1 - group["lr"] * group["weight_decay"], -group["lr"])
 
 
 @dataclass
-class MuonSpec:
+class MuonSpec(Spec):
     supports_fsdp: ClassVar[bool] = True  # runs on FSDP-sharded parameters (train.parallel=fsdp)
-    lr: float = 0.02  # peak lr of the hidden matrices (Keller's default, with scale=keller)
-    momentum: float = 0.95
-    nesterov: bool = True
-    weight_decay: float = 0.0  # decoupled: W <- W (1 - lr * weight_decay), Keller's default
-    ns_steps: int = 5  # back-end iterations (QDWH: the maximum)
-    backend: str = "ns"  # ns | polar_express | qdwh | svd
-    scale: str = "keller"  # keller | moonlight | spectral (optimizers.md 1.3)
-    dtype: str = "auto"  # NS dtype: auto (bf16 where measured fast) | fp32 | bf16 | fp64
-    qkv: str = "split"  # GPT-2's fused c_attn: split (Q, K, V orthogonalized apart) | fused (one 3d x d matrix)
-    aux: AdamWSpec = field(default_factory=aux_adamw_default)
+    optimizer_class: ClassVar[type[Muon]] = Muon  # what build() makes (a variant's spec names its own)
+    lr: float = knob(0.02, gt=0)  # peak lr of the hidden matrices (Keller's default, with scale=keller)
+    momentum: float = knob(0.95, ge=0, lt=1)
+    nesterov: bool = knob(True)
+    weight_decay: float = knob(0.0, ge=0)  # decoupled: W <- W (1 - lr * weight_decay), Keller's default
+    ns_steps: int = knob(5, ge=1)  # back-end iterations (QDWH: the maximum)
+    backend: str = knob("ns", choices=METHODS)  # ns | polar_express | qdwh | qdwh_ns | svd
+    scale: str = knob("keller", choices=tuple(SCALES))  # keller | moonlight | spectral (optimizers.md 1.3)
+    # NS dtype: auto (bf16 where measured fast) | fp32 | bf16 | fp64
+    dtype: str = knob("auto", check=dtype_problem)
+    # GPT-2's fused c_attn: split (Q, K, V orthogonalized apart) | fused (one 3d x d matrix)
+    qkv: str = knob("split", choices=QKV_MODES, param_group=False)
+    aux: AdamWSpec = field(default_factory=aux_adamw)
 
-    def validate(self, key: str = "optimizer") -> None:
-        """Raise ValueError("<key>.<field>: ...") for impossible values, the auxiliary AdamW's included."""
-        check_hparams(f"{key}.", lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                      ns_steps=self.ns_steps, backend=self.backend, scale=self.scale, dtype=self.dtype)
-        check_qkv(f"{key}.", self.qkv)
-        self.aux.validate(f"{key}.aux")
-
-    def matrix_kwargs(self) -> dict:
-        """The Muon constructor's keyword arguments (subclass specs add their own)."""
-        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay, "ns_steps": self.ns_steps, "backend": self.backend,
-                "scale": self.scale, "dtype": self.dtype}
-
-    def build(self, split: ParamSplit) -> Hybrid:
+    def build(self, split: ParamSplit) -> CombinedOptimizer:
         hidden = [matrix_group(split.infos("hidden"), split.layout, self.qkv)]
-        return with_aux_adamw(Muon(hidden, **self.matrix_kwargs()), split, self.aux)
-
-
-def check_qkv(prefix: str, qkv: str) -> None:
-    if qkv not in QKV_MODES:
-        raise ValueError(f"{prefix}qkv: {qkv!r} is not one of {', '.join(QKV_MODES)}")
+        return with_aux_adamw(self.optimizer_class(hidden, self), split, self.aux)

@@ -8,8 +8,8 @@ For a weight W (m x n, y = W x) with inputs Z (n x N tokens), per refresh step (
     K^-1 <- (K + (gamma tr(K)/n + 1e-8) I)^-1  (batched Cholesky in fp32; a failed block falls back to I)
 
 and every step G <- G K^-1 before Muon's momentum (K^-1 = I until the first refresh: plain Muon). Inputs
-arrive from the harness's forward hooks (harness/hooks.py) on refresh steps only. Layers fed the same input
-tensor in one forward (Llama's q/k/v, gate/up) share its Gram matrix, computed once. The MLP
+arrive from the harness's forward hooks (harness/probes/hooks.py) on refresh steps only. Layers fed the same
+input tensor in one forward (Llama's q/k/v, gate/up) share its Gram matrix, computed once. The MLP
 down-projection (m x 4m) uses a block-diagonal K of m x m blocks, as the reference's 4-block c_proj.
 
     python train.py experiment=bench_tiny optimizer=newton_muon optimizer.refresh_every=16 optimizer.stats_beta=0.8
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 from optimizers.groups import ParamSplit, matrix_group
-from optimizers.hybrid import Hybrid, with_aux_adamw
+from optimizers.hparams import knob
+from optimizers.hybrid import CombinedOptimizer, with_aux_adamw
 from optimizers.muon import Muon, MuonSpec
 
 
@@ -71,38 +73,19 @@ def precondition(grad: torch.Tensor, K_inv: torch.Tensor) -> torch.Tensor:
     return (g @ K_inv.float()).transpose(0, 1).reshape(m, n).to(grad.dtype)
 
 
-def check_newton_hparams(prefix: str, *, refresh_every: int, stats_beta: float, ridge: float,
-                         init_scale: float) -> None:
-    """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by the spec and the class)."""
-    if refresh_every < 1:
-        raise ValueError(f"{prefix}refresh_every: must be >= 1 (got {refresh_every})")
-    if not 0.0 <= stats_beta < 1.0:
-        raise ValueError(f"{prefix}stats_beta: must be in [0, 1) (got {stats_beta})")
-    if ridge < 0:
-        raise ValueError(f"{prefix}ridge: must be >= 0 (got {ridge})")
-    if not init_scale > 0:
-        raise ValueError(f"{prefix}init_scale: must be > 0 (got {init_scale})")
-
-
 class NewtonMuon(Muon):
     """Muon with G <- G K^-1 in `transform_grad`; K, K^-1 and counters live in the optimizer state.
 
-    `block_wide` (per param group) gives a wide matrix (n > m) a block-diagonal K (`block_layout`).
+    Hyperparameters: a NewtonMuonSpec's (refresh_every, stats_beta, ridge, init_scale: `self.spec`). A param
+    group's `block_wide` gives a wide matrix (n > m) a block-diagonal K (`block_layout`).
     State per matrix: K and K_inv (nb, b, b) fp32, `precond_step` (updates done), `refreshes`,
-    `cholesky_failures` (blocks that fell back to I). The harness protocol (harness/hooks.py):
+    `cholesky_failures` (blocks that fell back to I). The harness protocol (harness/probes/hooks.py):
     `wants_inputs(step)` is True on refresh steps, then `observe_input(weight, x)` once per layer and
-    micro-batch; `step()` folds that step's statistics into K before Muon's update.
+    micro-batch; `step()` folds that step's statistics into K before Muon's update (`_refresh`).
     """
 
-    def __init__(self, params, *, refresh_every: int = 32, stats_beta: float = 0.95, ridge: float = 0.2,
-                 init_scale: float = 1e-3, block_wide: bool = True, **muon_kwargs):
-        check_newton_hparams("", refresh_every=refresh_every, stats_beta=stats_beta, ridge=ridge,
-                             init_scale=init_scale)
-        super().__init__(params, **muon_kwargs)
-        self.defaults["block_wide"] = block_wide
-        for group in self.param_groups:
-            group.setdefault("block_wide", block_wide)
-        self.refresh_every, self.stats_beta, self.ridge, self.init_scale = refresh_every, stats_beta, ridge, init_scale
+    def __init__(self, params, spec: NewtonMuonSpec):
+        super().__init__(params, spec)
         self._owned = self._owners()
         self._stats: dict[int, list] = {}  # id(p) -> [sum of Z Z^T / N over forwards, number of forwards]
         # Inputs seen in the current forward: identity -> (input, Gram). Holding the input keeps its memory
@@ -118,7 +101,7 @@ class NewtonMuon(Muon):
         self._owned = self._owners()  # loading replaces the group dicts
 
     def wants_inputs(self, step: int) -> bool:
-        return (step + 1) % self.refresh_every == 0
+        return (step + 1) % self.spec.refresh_every == 0
 
     def observe_input(self, weight: torch.Tensor, x: torch.Tensor) -> None:
         p, group = self._owned.get(id(weight), (None, None))
@@ -147,15 +130,9 @@ class NewtonMuon(Muon):
             return grad
         return precondition(grad, state["K_inv"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._refresh()
-        super().step()
-        return loss
+    def update(self) -> None:
+        self._refresh()  # after the closure (if any), whose forward delivers this step's inputs
+        super().update()
 
     def _all_reduce_stats(self) -> None:
         """In a multi-process run each rank has seen only its own micro-batches: sum the Gram sums and the
@@ -186,27 +163,28 @@ class NewtonMuon(Muon):
                 if "K" not in state:
                     nb, b = block_layout(p.shape, group["block_wide"])
                     eye = torch.eye(b, dtype=torch.float32, device=p.device).repeat(nb, 1, 1)
-                    state.update(K=self.init_scale * eye, K_inv=eye, precond_step=0, refreshes=0,
+                    state.update(K=self.spec.init_scale * eye, K_inv=eye, precond_step=0, refreshes=0,
                                  cholesky_failures=0)
                 stats = self._stats.pop(id(p), None)
                 step = state["precond_step"]
                 state["precond_step"] += 1
-                if (step + 1) % self.refresh_every:
+                if (step + 1) % self.spec.refresh_every:
                     if stats is not None:
                         raise RuntimeError(f"NewtonMuon: layer inputs arrived on step {step}, which is not a "
-                                           f"refresh step (refresh_every={self.refresh_every}); the harness's "
-                                           "step count and the optimizer's disagree")
+                                           f"refresh step (refresh_every={self.spec.refresh_every}); the "
+                                           "harness's step count and the optimizer's disagree")
                     continue
                 if stats is None:
                     raise RuntimeError(f"NewtonMuon: no layer inputs for a {tuple(p.shape)} matrix on refresh "
-                                       f"step {step}; deliver them with harness.hooks.InputHooks (begin_step "
-                                       "before the forward passes)")
+                                       f"step {step}; deliver them with harness.probes.hooks.InputHooks "
+                                       "(begin_step before the forward passes)")
                 # The EMA of the per-step mean Z Z^T / N; the ridge is added only when inverting (spec 3.3).
-                state["K"].mul_(self.stats_beta).add_(stats[0] / stats[1], alpha=1 - self.stats_beta)
+                beta = self.spec.stats_beta
+                state["K"].mul_(beta).add_(stats[0] / stats[1], alpha=1 - beta)
                 due.setdefault((state["K"].shape[-1], p.device), []).append(state)
         failed = 0
         for states in due.values():
-            inv, ok = damped_inverse(torch.cat([s["K"] for s in states]), self.ridge)
+            inv, ok = damped_inverse(torch.cat([s["K"] for s in states]), self.spec.ridge)
             sizes = [s["K"].size(0) for s in states]
             for s, inv_s, ok_s in zip(states, inv.split(sizes), ok.split(sizes)):
                 s["K_inv"] = inv_s.clone()
@@ -221,27 +199,24 @@ class NewtonMuon(Muon):
 
 @dataclass
 class NewtonMuonSpec(MuonSpec):
-    # Muon's fields and defaults (lr, momentum, nesterov, weight_decay, ns_steps, backend, scale, dtype,
-    # aux) plus the preconditioner's: Newton-Muon-1 of optimizers.md 3.3 (measured: conf/optimizer/newton_muon.yaml)
-    refresh_every: int = 32  # k: statistics and K^-1 refreshed when (step + 1) % k == 0
-    stats_beta: float = 0.95  # EMA beta of K over refreshes
-    ridge: float = 0.2  # gamma: K^-1 = (K + gamma tr(K)/n I)^-1
-    init_scale: float = 1e-3  # K0 = init_scale I (K0^-1 is never used: K^-1 = I until the first refresh)
-    block_wide: bool = True  # MLP down-projection (d x 4d): block-diagonal K of d x d blocks, as the reference
+    # Muon's fields and defaults (lr, momentum, nesterov, weight_decay, ns_steps, backend, scale, dtype, qkv,
+    # aux) plus the preconditioner's: Newton-Muon-1 of optimizers.md 3.3 (measured:
+    # conf/optimizer/newton_muon.yaml). The first four are the optimizer's (self.spec), block_wide per group.
+    optimizer_class: ClassVar[type[Muon]] = NewtonMuon
+    # k: statistics and K^-1 refreshed when (step + 1) % k == 0
+    refresh_every: int = knob(32, ge=1, param_group=False)
+    stats_beta: float = knob(0.95, ge=0, lt=1, param_group=False)  # EMA beta of K over refreshes
+    ridge: float = knob(0.2, ge=0, param_group=False)  # gamma: K^-1 = (K + gamma tr(K)/n I)^-1
+    # K0 = init_scale I (K0^-1 is never used: K^-1 = I until the first refresh)
+    init_scale: float = knob(1e-3, gt=0, param_group=False)
+    # MLP down-projection (d x 4d): block-diagonal K of d x d blocks, as the reference
+    block_wide: bool = knob(True)
 
-    def validate(self, key: str = "optimizer") -> None:
-        super().validate(key)
-        check_newton_hparams(f"{key}.", refresh_every=self.refresh_every, stats_beta=self.stats_beta,
-                             ridge=self.ridge, init_scale=self.init_scale)
-
-    def build(self, split: ParamSplit) -> Hybrid:
+    def build(self, split: ParamSplit) -> CombinedOptimizer:
         # Only the MLP down-projection is blocked: the other wide matrices, GQA's k/v (kv_dim x d), read the
         # attention input that q reads, whose full d x d Gram is computed anyway (the reference's fused QKV
         # shares one d x d K); blocks would cost extra Grams and drop the cross-block correlations.
         infos = split.groups["hidden"]
         groups = [matrix_group([i for i in infos if (i.role == "mlp_down") == down], split.layout, self.qkv,
                                block_wide=self.block_wide and down) for down in (False, True)]
-        opt = NewtonMuon([g for g in groups if g["params"]], refresh_every=self.refresh_every,
-                         stats_beta=self.stats_beta, ridge=self.ridge, init_scale=self.init_scale,
-                         **self.matrix_kwargs())
-        return with_aux_adamw(opt, split, self.aux)
+        return with_aux_adamw(self.optimizer_class([g for g in groups if g["params"]], self), split, self.aux)

@@ -22,11 +22,11 @@ back-end's inexactness.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from optimizers.groups import ParamSplit, matrix_group
-from optimizers.hybrid import Hybrid, with_aux_adamw
+from optimizers.hparams import knob
 from optimizers.muon import Muon, MuonSpec, scale_factor
 
 
@@ -41,15 +41,8 @@ def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float) -> torch.T
 
 
 class NorMuon(Muon):
-    """Muon plus per-row second-moment normalization; `beta2` is the EMA factor of the row mean squares."""
-
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, beta2: float = 0.95, **kwargs):
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"beta2: must be in [0, 1) (got {beta2})")
-        super().__init__(params, lr=lr, momentum=momentum, **kwargs)
-        self.defaults["beta2"] = beta2  # groups added later get it from the defaults, these ones here
-        for group in self.param_groups:
-            group.setdefault("beta2", beta2)
+    """Muon plus per-row second-moment normalization (a NorMuonSpec's hyperparameters); `beta2` is the EMA
+    factor of the row mean squares."""
 
     def shape_update(self, p: torch.Tensor, O: torch.Tensor, state: dict, group: dict,
                      rows: slice = slice(None)) -> torch.Tensor:
@@ -63,13 +56,5 @@ class NorMuon(Muon):
 
 @dataclass
 class NorMuonSpec(MuonSpec):
-    beta2: float = 0.95  # EMA factor of the per-row mean squares (official default)
-
-    def validate(self, key: str = "optimizer") -> None:
-        super().validate(key)
-        if not 0.0 <= self.beta2 < 1.0:
-            raise ValueError(f"{key}.beta2: must be in [0, 1) (got {self.beta2})")
-
-    def build(self, split: ParamSplit) -> Hybrid:
-        hidden = [matrix_group(split.infos("hidden"), split.layout, self.qkv)]
-        return with_aux_adamw(NorMuon(hidden, beta2=self.beta2, **self.matrix_kwargs()), split, self.aux)
+    optimizer_class: ClassVar[type[Muon]] = NorMuon
+    beta2: float = knob(0.95, ge=0, lt=1)  # EMA factor of the per-row mean squares (official default)

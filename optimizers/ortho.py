@@ -53,9 +53,14 @@ def compute_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
     (CUDA with bf16; on CPU only when measured so, runtime/device.py), fp32 otherwise."""
     if dtype == "auto":
         return torch.bfloat16 if bf16_is_fast(torch.device(device)) else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: {dtype!r} is not auto, {', '.join(DTYPES)}")
+    if problem := dtype_problem(dtype):
+        raise ValueError(f"dtype: {problem}")
     return DTYPES[dtype]
+
+
+def dtype_problem(dtype: str) -> str | None:
+    """Why `dtype` names no iteration dtype ("auto" or a DTYPES key), or None: a spec knob's check."""
+    return None if dtype == "auto" or dtype in DTYPES else f"{dtype!r} is not auto, {', '.join(DTYPES)}"
 
 
 def _odd_quintic_iteration(G: torch.Tensor, coeffs: Sequence[tuple[float, float, float]], norm_scale: float,
@@ -269,8 +274,8 @@ def orthogonalize(G: torch.Tensor, method: str = "ns", steps: int | None = None,
 
 
 # Matrices this process has orthogonalized (all methods): with the work shared across ranks, each rank's count
-# is its share. Read by tests and the perf tooling; reset freely.
-WORK = {"matrices": 0}
+# is its share. Read by tests (tests/test_distributed.py); reset freely.
+ORTHOGONALIZED = {"matrices": 0}
 # Share the orthogonalization across the ranks of the default process group (data-parallel runs, where every
 # rank holds the same directions after the gradient all-reduce). Off: every rank does all of it.
 SHARE_ACROSS_RANKS = True
@@ -286,7 +291,7 @@ def _share() -> tuple[int, int] | None:
 def _orthogonalize_stack(Gs: Sequence[torch.Tensor], method: str, steps: int | None,
                          dtype: torch.dtype) -> list[torch.Tensor]:
     """Same-shape matrices in one batched call (a single one alone, unstacked)."""
-    WORK["matrices"] += len(Gs)
+    ORTHOGONALIZED["matrices"] += len(Gs)
     if len(Gs) == 1:
         return [orthogonalize(Gs[0], method, steps, dtype)]
     return list(orthogonalize(torch.stack(list(Gs)), method, steps, dtype).unbind(0))

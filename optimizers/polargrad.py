@@ -36,13 +36,24 @@ from typing import ClassVar
 import torch
 
 from optimizers.adamw import AdamWSpec
-from optimizers.groups import ParamSplit, check_row_blocks, matrix_group, require_matrices, row_slices
-from optimizers.hybrid import Hybrid, with_aux_adamw
-from optimizers.muon import aux_adamw_default, check_qkv
-from optimizers.ortho import DTYPES, METHODS, compute_dtype, orthogonalize_many
-from optimizers.sharded import apply_, full
+from optimizers.groups import (
+    QKV_MODES,
+    ParamSplit,
+    check_row_blocks,
+    join_rows,
+    matrices_with_grad,
+    matrix_group,
+    require_matrices,
+    row_slices,
+    split_rows,
+)
+from optimizers.hparams import Spec, SpecOptimizer, knob
+from optimizers.hybrid import CombinedOptimizer, aux_adamw, with_aux_adamw
+from optimizers.ortho import METHODS, compute_dtype, dtype_problem, orthogonalize_many
+from optimizers.sharded import apply_update_, unshard
 
 PolarMany = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+LR_SCALES = ("muon_at_init", "raw")
 
 
 def polargrad_updates(grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor], *, momentum: float,
@@ -65,42 +76,30 @@ def polargrad_updates(grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor
     return [u * (buf * u).sum() for buf, u in zip(bufs, polar(bufs))]
 
 
-class PolarGrad(torch.optim.Optimizer):
-    """PolarGradM over 2-D matrices: W <- (1 - lr wd) W - lr * extra_scale * ||M||_* polar(M).
+class PolarGrad(SpecOptimizer):
+    """PolarGradM over 2-D matrices, with a PolarGradSpec's hyperparameters:
+    W <- (1 - lr wd) W - lr * extra_scale * ||M||_* polar(M), lr the raw lr c * spec lr.
 
     `ns_steps`: iterations of the back-end (NS / Polar Express steps, QDWH's maximum; None = the back-end's
-    default, 5 or 10); `dtype`: the NS / Polar Express dtype (QDWH and SVD always run in fp32).
+    default, optimizers/ortho.py: orthogonalize); `dtype`: the NS / Polar Express dtype (QDWH and SVD always
+    run in fp32). Each group keeps the calibration c as "lr_calibration": 1 under lr_scale=raw, set by the
+    first step under muon_at_init.
     """
 
-    supports_fsdp = True  # whole-matrix step on sharded parameters: optimizers/sharded.py
-
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
-                 polar_first: bool = False, backend: str = "qdwh", ns_steps: int | None = None,
-                 dtype: str = "auto", extra_scale: float = 1.0, lr_scale: str = "raw"):
-        check_hparams("", lr=lr, momentum=momentum, weight_decay=weight_decay, backend=backend,
-                      ns_steps=ns_steps, dtype=dtype, extra_scale=extra_scale, lr_scale=lr_scale)
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "polar_first": polar_first,
-                    "backend": backend, "ns_steps": ns_steps, "dtype": dtype, "extra_scale": extra_scale,
-                    "lr_scale": lr_scale, "lr_calibration": 1.0 if lr_scale == "raw" else None}
-        super().__init__(params, defaults)
+    def __init__(self, params, spec: PolarGradSpec):
+        super().__init__(params, spec, lr_calibration=1.0 if spec.lr_scale == "raw" else None)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        require_matrices("PolarGrad", self.param_groups[-1]["params"])
+        require_matrices(type(self).__name__, self.param_groups[-1]["params"])
         check_row_blocks(self.param_groups[-1])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def update(self) -> None:
         for group in self.param_groups:
-            blocks = group.get("row_blocks") or [None] * len(group["params"])
-            params = [(p, rows) for p, rows in zip(group["params"], blocks) if p.grad is not None]
+            params = matrices_with_grad(group)
             if not params:
                 continue
-            grads, bufs = [full(p.grad) for p, _ in params], []  # whole matrices, also for sharded parameters
+            grads, bufs = [unshard(p.grad) for p, _ in params], []  # whole matrices, also for sharded ones
             for (p, _), g in zip(params, grads):
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(g)
@@ -113,21 +112,15 @@ class PolarGrad(torch.optim.Optimizer):
             # Each matrix of a fused parameter (Q, K, V) is its own matrix: its own polar factor and nuclear
             # norm. The momentum buffer's row slices are views, so the EMA updates the whole buffer in place.
             pieces = [row_slices(rows, g.size(0)) for (_, rows), g in zip(params, grads)]
-            updates = iter(polargrad_updates([g[r] for g, sl in zip(grads, pieces) for r in sl],
-                                             [b[r] for b, sl in zip(bufs, pieces) for r in sl],
-                                             momentum=group["momentum"], polar_first=group["polar_first"],
-                                             polar=polar))
-            full_updates = []
-            for sl in pieces:
-                parts = [next(updates) for _ in sl]
-                full_updates.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+            matrices = split_rows(grads, pieces)
+            updates = iter(polargrad_updates(matrices, split_rows(bufs, pieces), momentum=group["momentum"],
+                                             polar_first=group["polar_first"], polar=polar))
+            full_updates = [join_rows([next(updates) for _ in sl]) for sl in pieces]
             if group["lr_calibration"] is None:  # the first step under lr_scale=muon_at_init (module docstring)
-                group["lr_calibration"] = muon_match_calibration(
-                    [g[r].shape for g, sl in zip(grads, pieces) for r in sl], full_updates)
+                group["lr_calibration"] = muon_match_calibration([g.shape for g in matrices], full_updates)
             lr = group["lr"] * group["lr_calibration"]  # the reference's (raw) lr
             for (p, _), update in zip(params, full_updates):  # decoupled decay, without extra_scale
-                apply_(p, update, 1 - lr * group["weight_decay"], -lr * group["extra_scale"])
-        return loss
+                apply_update_(p, update, 1 - lr * group["weight_decay"], -lr * group["extra_scale"])
 
 
 def muon_match_calibration(shapes: Sequence[torch.Size], updates: Sequence[torch.Tensor]) -> float:
@@ -142,56 +135,25 @@ def muon_match_calibration(shapes: Sequence[torch.Size], updates: Sequence[torch
     return math.sqrt(muon / polargrad)
 
 
-LR_SCALES = ("muon_at_init", "raw")
-
-
-def check_hparams(prefix: str, *, lr: float, momentum: float, weight_decay: float, backend: str,
-                  ns_steps: int | None, dtype: str, extra_scale: float, lr_scale: str) -> None:
-    """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by the spec and the class)."""
-    if not lr > 0:
-        raise ValueError(f"{prefix}lr: must be > 0 (got {lr})")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"{prefix}momentum: must be in [0, 1) (got {momentum})")
-    if weight_decay < 0:
-        raise ValueError(f"{prefix}weight_decay: must be >= 0 (got {weight_decay})")
-    if backend not in METHODS:
-        raise ValueError(f"{prefix}backend: {backend!r} is not one of {', '.join(METHODS)}")
-    if ns_steps is not None and ns_steps < 1:
-        raise ValueError(f"{prefix}ns_steps: must be >= 1 or null (got {ns_steps})")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"{prefix}dtype: {dtype!r} is not auto, {', '.join(DTYPES)}")
-    if not extra_scale > 0:
-        raise ValueError(f"{prefix}extra_scale: must be > 0 (got {extra_scale})")
-    if lr_scale not in LR_SCALES:
-        raise ValueError(f"{prefix}lr_scale: {lr_scale!r} is not one of {', '.join(LR_SCALES)}")
-
-
 @dataclass
-class PolarGradSpec:
+class PolarGradSpec(Spec):
     supports_fsdp: ClassVar[bool] = True  # runs on FSDP-sharded parameters (train.parallel=fsdp)
-    lr: float = 0.02  # peak lr, on Muon's scale under lr_scale=muon_at_init (module docstring)
-    lr_scale: str = "muon_at_init"  # muon_at_init (the harness's a-priori rule) | raw (the reference's lr)
-    momentum: float = 0.95  # EMA beta: M <- beta M + (1 - beta) X
-    polar_first: bool = False  # True: average polar(G), scaled by the current ||G||_*
-    weight_decay: float = 0.0  # decoupled: W <- W (1 - lr * weight_decay); reference default 0
-    backend: str = "qdwh_ns"  # the authors' recipe: k QDWH steps + NS polish | qdwh | ns | polar_express | svd
-    ns_steps: int | None = 2  # back-end iterations (qdwh_ns: the k QDWH steps); None = the back-end's default
-    dtype: str = "auto"  # NS / Polar Express dtype: auto | fp32 | bf16 | fp64 (QDWH, SVD: fp32)
-    extra_scale: float = 1.0  # multiplies the step, not the decay (NVIDIA's extra_scale_factor)
-    qkv: str = "split"  # GPT-2's fused c_attn: split (Q, K, V apart, as Muon) | fused (one 3d x d matrix)
-    aux: AdamWSpec = field(default_factory=aux_adamw_default)
+    lr: float = knob(0.02, gt=0)  # peak lr, on Muon's scale under lr_scale=muon_at_init (module docstring)
+    # muon_at_init (the harness's a-priori rule) | raw (the reference's lr)
+    lr_scale: str = knob("muon_at_init", choices=LR_SCALES)
+    momentum: float = knob(0.95, ge=0, lt=1)  # EMA beta: M <- beta M + (1 - beta) X
+    polar_first: bool = knob(False)  # True: average polar(G), scaled by the current ||G||_*
+    weight_decay: float = knob(0.0, ge=0)  # decoupled: W <- W (1 - lr * weight_decay); reference default 0
+    # the authors' recipe: k QDWH steps + NS polish | qdwh | ns | polar_express | svd
+    backend: str = knob("qdwh_ns", choices=METHODS)
+    # back-end iterations (qdwh_ns: the k QDWH steps); None = the back-end's default
+    ns_steps: int | None = knob(2, ge=1, nullable=True)
+    dtype: str = knob("auto", check=dtype_problem)  # NS / Polar Express dtype: auto | fp32 | bf16 | fp64
+    extra_scale: float = knob(1.0, gt=0)  # multiplies the step, not the decay (NVIDIA's extra_scale_factor)
+    # GPT-2's fused c_attn: split (Q, K, V apart, as Muon) | fused (one 3d x d matrix)
+    qkv: str = knob("split", choices=QKV_MODES, param_group=False)
+    aux: AdamWSpec = field(default_factory=aux_adamw)
 
-    def validate(self, key: str = "optimizer") -> None:
-        """Raise ValueError("<key>.<field>: ...") for impossible values, the auxiliary AdamW's included."""
-        check_hparams(f"{key}.", lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                      backend=self.backend, ns_steps=self.ns_steps, dtype=self.dtype,
-                      extra_scale=self.extra_scale, lr_scale=self.lr_scale)
-        check_qkv(f"{key}.", self.qkv)
-        self.aux.validate(f"{key}.aux")
-
-    def build(self, split: ParamSplit) -> Hybrid:
+    def build(self, split: ParamSplit) -> CombinedOptimizer:
         hidden = [matrix_group(split.infos("hidden"), split.layout, self.qkv)]
-        opt = PolarGrad(hidden, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                        polar_first=self.polar_first, backend=self.backend, ns_steps=self.ns_steps,
-                        dtype=self.dtype, extra_scale=self.extra_scale, lr_scale=self.lr_scale)
-        return with_aux_adamw(opt, split, self.aux)
+        return with_aux_adamw(PolarGrad(hidden, self), split, self.aux)

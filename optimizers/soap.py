@@ -38,12 +38,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
-from optimizers.adamw import AdamWSpec, check_adam_hparams
+from optimizers.adamw import AdamWSpec
 from optimizers.groups import ParamSplit, require_matrices
-from optimizers.hybrid import Hybrid, with_aux_adamw
+from optimizers.hparams import Spec, SpecOptimizer, knob
+from optimizers.hybrid import CombinedOptimizer, aux_adamw, with_aux_adamw
 
 
 def rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None) -> torch.Tensor:
@@ -126,28 +128,11 @@ def refresh_bases(L: torch.Tensor | None, R: torch.Tensor | None, QL: torch.Tens
     return QL, QR
 
 
-def check_hparams(prefix: str, *, lr: float, betas, eps: float, weight_decay: float, precondition_frequency: int,
-                  max_precond_dim: int) -> None:
-    """Raise ValueError("<prefix><field>: ...") for an impossible value (shared by SOAPSpec and SOAP)."""
-    check_adam_hparams(prefix, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if precondition_frequency < 1:
-        raise ValueError(f"{prefix}precondition_frequency: must be >= 1 (got {precondition_frequency})")
-    if max_precond_dim < 1:
-        raise ValueError(f"{prefix}max_precond_dim: must be >= 1 (got {max_precond_dim})")
-
-
-class SOAP(torch.optim.Optimizer):
-    """SOAP over param groups of 2-D matrices (non-2-D parameters are refused). State per matrix, all fp32:
-    "step" (updates taken, an int), "exp_avg" (M', rotated), "exp_avg_sq" (V), "L", "QL" (m x m) and "R",
-    "QR" (n x n), None for a side that is not rotated. p.grad is never modified."""
-
-    def __init__(self, params, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.01, precondition_frequency: int = 10, max_precond_dim: int = 10000):
-        check_hparams("", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                      precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim)
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                    "precondition_frequency": precondition_frequency, "max_precond_dim": max_precond_dim}
-        super().__init__(params, defaults)
+class SOAP(SpecOptimizer):
+    """SOAP over param groups of 2-D matrices (non-2-D parameters are refused), with a SOAPSpec's
+    hyperparameters. State per matrix, all fp32: "step" (updates taken, an int), "exp_avg" (M', rotated),
+    "exp_avg_sq" (V), "L", "QL" (m x m) and "R", "QR" (n x n), None for a side that is not rotated. p.grad is
+    never modified."""
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -164,12 +149,7 @@ class SOAP(torch.optim.Optimizer):
         accumulate_(grad, state["L"], state["R"], group["betas"][1])
         state["QL"], state["QR"] = initial_basis(state["L"]), initial_basis(state["R"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def update(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -187,35 +167,20 @@ class SOAP(torch.optim.Optimizer):
                 if state["step"] % group["precondition_frequency"] == 0:
                     state["QL"], state["QR"] = refresh_bases(state["L"], state["R"], state["QL"], state["QR"],
                                                              state["exp_avg"], state["exp_avg_sq"])
-        return loss
-
-
-def aux_adamw_default() -> AdamWSpec:
-    # AdamW for embeddings (the tied head of GPT-2), untied heads and gains, with SOAP's own lr 3e-3: the
-    # reference runs one lr over all parameters (and AdamW's baseline here uses 3e-3 too); untuned. No decay,
-    # as the aux AdamW of the Muon family here, so matrix methods differ only in their hidden-matrix rule;
-    # the reference's single group would decay embeddings by lr * 0.01 = 3e-5 per step, negligible here.
-    return AdamWSpec(lr=3e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0, decay_groups=["embedding", "head"])
 
 
 @dataclass
-class SOAPSpec:
-    lr: float = 3e-3  # peak lr of the hidden matrices (reference README)
-    betas: list[float] = field(default_factory=lambda: [0.95, 0.95])  # Adam's (b1, b2); b2 also for L, R
-    eps: float = 1e-8
-    weight_decay: float = 0.01  # decoupled: W <- W (1 - lr * weight_decay)
-    precondition_frequency: int = 10  # updates between eigenbasis refreshes
-    max_precond_dim: int = 10000  # a side longer than this is not rotated (identity basis)
-    aux: AdamWSpec = field(default_factory=aux_adamw_default)
+class SOAPSpec(Spec):
+    lr: float = knob(3e-3, gt=0)  # peak lr of the hidden matrices (reference README)
+    betas: list[float] = knob([0.95, 0.95], pair_in=(0, 1))  # Adam's (b1, b2); b2 also for L, R
+    eps: float = knob(1e-8, gt=0)
+    weight_decay: float = knob(0.01, ge=0)  # decoupled: W <- W (1 - lr * weight_decay)
+    precondition_frequency: int = knob(10, ge=1)  # updates between eigenbasis refreshes
+    max_precond_dim: int = knob(10000, ge=1)  # a side longer than this is not rotated (identity basis)
+    # The auxiliary AdamW at SOAP's own lr: the reference runs one lr over all parameters (untuned); its
+    # single group would also decay embeddings by lr * 0.01 = 3e-5 per step, negligible (no decay here).
+    aux: AdamWSpec = field(default_factory=partial(aux_adamw, lr=3e-3))
 
-    def validate(self, key: str = "optimizer") -> None:
-        """Raise ValueError("<key>.<field>: ...") for impossible values, the auxiliary AdamW's included."""
-        check_hparams(f"{key}.", lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
-                      precondition_frequency=self.precondition_frequency, max_precond_dim=self.max_precond_dim)
-        self.aux.validate(f"{key}.aux")
-
-    def build(self, split: ParamSplit) -> Hybrid:
+    def build(self, split: ParamSplit) -> CombinedOptimizer:
         hidden = [{"params": split.params("hidden"), "group": "hidden"}]
-        soap = SOAP(hidden, lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay,
-                    precondition_frequency=self.precondition_frequency, max_precond_dim=self.max_precond_dim)
-        return with_aux_adamw(soap, split, self.aux)
+        return with_aux_adamw(SOAP(hidden, self), split, self.aux)

@@ -14,7 +14,9 @@ from conftest import rounding_tol
 from omegaconf import OmegaConf
 from test_muon import assert_every_parameter_moved, gaussian, snapshot, train
 
-from harness.config import ConfigError, build_optimizer_spec
+from harness.config.schema import ConfigError
+from harness.config.validate import build_optimizer_spec
+from harness.lifecycle.records import state_bytes
 from models import ROLE_GROUP, ModelConfig, build_model
 from optimizers.adam_mini import AdamMini, AdamMiniSpec, adam_mini_update, partition, rule_name
 from optimizers.adamw import AdamWSpec
@@ -65,10 +67,6 @@ def expected_v_scalars(cfg, pos_embed="tensor"):
     # q per head, k per kv head, v rows (kv heads x head_dim), o, gate, up, down per row, two RMSNorm gains
     layer = h + kv + kv * hd + d + f + f + d + 2
     return cfg.n_layer * layer + cfg.vocab_size + cfg.vocab_size + 1  # embed rows, untied head rows, final norm
-
-
-def state_bytes(opt):
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def one_step(model, opt):
@@ -123,7 +121,7 @@ def test_one_block_per_element_is_adamw():
 
     steps = 5
     (model, split), (ref_model, ref_split) = tiny(), tiny()
-    opt = AdamMini(groups(split), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, granularity="element")
+    opt = AdamMini(groups(split), AdamMiniSpec(lr=3e-3, betas=[0.9, 0.95], eps=1e-8), granularity="element")
     ref = torch.optim.AdamW(groups(ref_split), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
     pairs = list(zip(model.parameters(), ref_model.parameters()))
     p_max = [q.detach().abs() for _, q in pairs]
@@ -320,8 +318,8 @@ def test_update_against_the_equations():
     rows = {"attn_q": [(0, 2), (2, 4)], "attn_qkv": [(0, 2), (2, 4), (4, 6), (6, 8), *((r, r + 1) for r in range(8, 12))]}
     W0 = {"attn_q": gaussian(4, 6, dtype=torch.float64), "attn_qkv": gaussian(12, 6, seed=1, dtype=torch.float64)}
     params = [torch.nn.Parameter(W0[r].clone()) for r in rows]
-    opt = AdamMini([{"params": params, "roles": list(rows)}], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd,
-                   layout=layout)
+    opt = AdamMini([{"params": params, "roles": list(rows)}],
+                   AdamMiniSpec(lr=lr, betas=[b1, b2], eps=eps, weight_decay=wd), layout=layout)
     for t in range(1, steps + 1):
         for p in params:
             p.grad = 1e-3 * gaussian(*p.shape, seed=10 * t, dtype=torch.float64)
@@ -350,7 +348,8 @@ def test_pure_update_is_what_step_applies():
     blocks = partition("attn_qkv", (12, 6), {"n_head": 2, "n_kv_head": 2, "head_dim": 2})
     W = torch.nn.Parameter(gaussian(12, 6))
     ref, m, v = W.detach().clone(), torch.zeros(12, 6), torch.zeros(8)
-    opt = AdamMini([{"params": [W], "roles": ["attn_qkv"]}], layout={"n_head": 2, "n_kv_head": 2, "head_dim": 2})
+    opt = AdamMini([{"params": [W], "roles": ["attn_qkv"]}], AdamMiniSpec(lr=3e-3),
+                   layout={"n_head": 2, "n_kv_head": 2, "head_dim": 2})
     for t in range(1, 4):
         W.grad = gaussian(12, 6, seed=t)
         opt.step()
@@ -387,7 +386,8 @@ def test_pos_embed_option():
     with pytest.raises(ValueError, match=r"^pos_embed: 'rows' is not one of tensor, row$"):
         partition("pos_embed", (256, 128), {}, pos_embed="rows")
     with pytest.raises(ValueError, match=r"^pos_embed: 'rows' is not one of tensor, row$"):
-        AdamMini([torch.nn.Parameter(torch.zeros(3))], pos_embed="rows")
+        AdamMini([{"params": [torch.nn.Parameter(torch.zeros(3))], "roles": ["pos_embed"]}],
+                 AdamMiniSpec(pos_embed="rows"))
 
 
 def test_unsupported_layouts_are_errors():
@@ -400,7 +400,7 @@ def test_unsupported_layouts_are_errors():
     with pytest.raises(ValueError, match=r"'attn_qkv' is split per head and needs .* \['n_head'"):
         AdamMiniSpec().build(tiny(layout=False)[1])  # a split built without model.attn_layout()
     with pytest.raises(ValueError, match="needs 'roles'"):
-        AdamMini([torch.nn.Parameter(torch.zeros(3))])
+        AdamMini([torch.nn.Parameter(torch.zeros(3))], AdamMiniSpec())
 
 
 def test_build_prints_the_partition_and_keeps_group_lrs(capsys):

@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from conftest import REPO, read_jsonl
 
 from optimizers import ortho
-from optimizers.muon import Muon
-from optimizers.newton_muon import NewtonMuon
-from optimizers.normuon import NorMuon
-from optimizers.polargrad import PolarGrad
+from optimizers.muon import Muon, MuonSpec
+from optimizers.newton_muon import NewtonMuon, NewtonMuonSpec
+from optimizers.normuon import NorMuon, NorMuonSpec
+from optimizers.polargrad import PolarGrad, PolarGradSpec
 from runtime.distributed import shutdown
 
 # fp32 tolerance of the equivalence (relative, on every logged loss). Measured here: 0 for AdamW, Muon,
@@ -129,9 +129,12 @@ def _params(seed=0):
 
 def _build(name, ps):
     kw = {"dtype": "fp32"}
-    return {"muon": lambda: Muon(ps, lr=0.02, **kw), "normuon": lambda: NorMuon(ps, lr=0.02, **kw),
-            "polargrad": lambda: PolarGrad(ps, lr=0.1, backend="qdwh"),
-            "newton_muon": lambda: NewtonMuon(ps, lr=0.02, refresh_every=1, block_wide=False, **kw)}[name]()
+    return {"muon": lambda: Muon(ps, MuonSpec(lr=0.02, **kw)),
+            "normuon": lambda: NorMuon(ps, NorMuonSpec(lr=0.02, **kw)),
+            "polargrad": lambda: PolarGrad(ps, PolarGradSpec(lr=0.1, backend="qdwh", ns_steps=None,
+                                                             lr_scale="raw")),
+            "newton_muon": lambda: NewtonMuon(ps, NewtonMuonSpec(lr=0.02, refresh_every=1, block_wide=False,
+                                                                 **kw))}[name]()
 
 
 def _inputs(rank, world):
@@ -143,7 +146,7 @@ def _inputs(rank, world):
 
 def _step(name, ps, rank=0, world=1):
     opt = _build(name, ps)
-    ortho.WORK["matrices"] = 0
+    ortho.ORTHOGONALIZED["matrices"] = 0
     for _ in range(2):
         if name == "newton_muon":  # refresh_every=1: every step folds this step's inputs into K
             for micro in _inputs(rank, world):
@@ -151,7 +154,7 @@ def _step(name, ps, rank=0, world=1):
                     opt.observe_input(p, x)
         opt.step()
     K = [opt.state[p]["K"].clone() for p in ps] if name == "newton_muon" else []
-    return [p.detach().clone() for p in ps], ortho.WORK["matrices"] // 2, K
+    return [p.detach().clone() for p in ps], ortho.ORTHOGONALIZED["matrices"] // 2, K
 
 
 def _worker(rank, world, store, name, out):

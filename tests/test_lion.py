@@ -21,7 +21,8 @@ from test_muon import (
     train,
 )
 
-from harness.config import ConfigError, build_optimizer_spec
+from harness.config.schema import ConfigError
+from harness.config.validate import build_optimizer_spec
 from optimizers.lion import Lion, LionSpec, lion_update
 
 YAML = Path(__file__).resolve().parent.parent / "conf" / "optimizer" / "lion.yaml"
@@ -42,7 +43,7 @@ def test_three_steps_against_the_equations():
              torch.tensor([[-1.0, 0.2, 0.3], [-0.4, 0.5, -0.6]], dtype=torch.float64),
              torch.tensor([[0.7, -0.8, 0.9], [1.0, 0.05, -0.02]], dtype=torch.float64)]
     W = torch.nn.Parameter(W0.clone())
-    opt = Lion([W], lr=lr, betas=(b1, b2), weight_decay=wd)
+    opt = Lion([W], LionSpec(lr=lr, betas=[b1, b2], weight_decay=wd))
     ref, m = W0.clone(), torch.zeros_like(W0)
     w_max, m_max = max(W0.abs().max().item(), lr), 0.0
     for t, g in enumerate(grads):
@@ -138,4 +139,4 @@ def test_yaml_matches_the_spec_and_bad_values_name_the_key():
     with pytest.raises(ConfigError, match=r"^optimizer\.decay_groups: unknown groups \['bogus'\]"):
         build_optimizer_spec(OmegaConf.merge(node, {"decay_groups": ["hidden", "bogus"]}))
     with pytest.raises(ValueError, match=r"^weight_decay: must be >= 0"):
-        Lion([torch.nn.Parameter(torch.zeros(2))], weight_decay=-1.0)
+        LionSpec(weight_decay=-1.0).validate("")

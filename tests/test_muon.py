@@ -1,5 +1,6 @@
-"""Muon against its reference maths (optimizers.md 1.2-1.6 and checks 8.2-8.4) and through the Hybrid on the
-tiny GPT-2: it lowers the loss, its state survives save/load bit for bit, and a seed fixes the result.
+"""Muon against its reference maths (optimizers.md 1.2-1.6 and checks 8.2-8.4) and, with its auxiliary AdamW
+(a CombinedOptimizer), on the tiny GPT-2: it lowers the loss, its state survives save/load bit for bit, and a
+seed fixes the result.
 
 `tiny_problem` and `train` are shared with tests/test_normuon.py."""
 
@@ -11,10 +12,11 @@ import pytest
 import torch
 from conftest import rounding_tol
 
-from harness.config import ConfigError, build_optimizer_spec
+from harness.config.schema import ConfigError
+from harness.config.validate import build_optimizer_spec
 from models import ROLE_GROUP, ModelConfig, build_model
 from optimizers.groups import split_parameters
-from optimizers.hybrid import Hybrid
+from optimizers.hybrid import CombinedOptimizer
 from optimizers.muon import Muon, MuonSpec, momentum_direction, muon_update
 from optimizers.ortho import KELLER, orthogonalize
 
@@ -35,7 +37,8 @@ def test_update_rms_per_scale_convention(m, n):
     G = gaussian(m, n, dtype=torch.float64)
 
     def update(scale):  # momentum 0, no Nesterov: the update is s(m, n) polar(G)
-        return muon_update(G, torch.zeros_like(G), momentum=0.0, nesterov=False, backend="svd", scale=scale)
+        return muon_update(G, torch.zeros_like(G), momentum=0.0, nesterov=False, backend="svd", steps=5,
+                           dtype=torch.bfloat16, scale=scale)
 
     # the RMS sums the m n squares of the fp64 SVD's U V^T (orthonormal to a few eps): sqrt(m n) eps64 relative
     # (measured <= 1 eps); a wrong convention or orientation (n/m for m/n) is off by a factor >= 2
@@ -72,7 +75,8 @@ def test_ema_and_sum_momentum_give_the_same_direction(backend):
     beta, ema, total = 0.95, torch.zeros(24, 12, dtype=torch.float64), torch.zeros(24, 12, dtype=torch.float64)
     for t in range(5):
         G = gaussian(24, 12, seed=t, dtype=torch.float64)
-        ours = muon_update(G, ema, momentum=beta, backend=backend, dtype=torch.float64)
+        ours = muon_update(G, ema, momentum=beta, nesterov=True, backend=backend, steps=5,
+                           dtype=torch.float64, scale="keller")
         total.mul_(beta).add_(G)  # B <- beta B + G;  U = G + beta B  (Moonlight, torch's docstring)
         U = G + beta * total
         theirs = orthogonalize(U, backend, dtype=torch.float64) * math.sqrt(24 / 12)
@@ -96,11 +100,13 @@ def test_step_applies_the_pure_update(backend):
     # Muon.step() = decoupled decay with the raw lr, then W <- W - lr * muon_update(...), bit for bit
     W = torch.nn.Parameter(gaussian(12, 6))
     ref, buf = W.detach().clone(), torch.zeros(12, 6)
-    opt = Muon([W], lr=0.02, weight_decay=0.1, backend=backend, dtype="fp32")
+    spec = MuonSpec(lr=0.02, weight_decay=0.1, backend=backend, dtype="fp32")
+    opt = Muon([W], spec)
     for t in range(3):
         W.grad = gaussian(12, 6, seed=1 + t)
         opt.step()
-        update = muon_update(W.grad, buf, backend=backend, dtype=torch.float32)
+        update = muon_update(W.grad, buf, momentum=spec.momentum, nesterov=spec.nesterov, backend=backend,
+                             steps=spec.ns_steps, dtype=torch.float32, scale=spec.scale)
         ref = ref.mul(1 - 0.02 * 0.1).add(update, alpha=-0.02)
         assert torch.equal(W.detach(), ref)
 
@@ -124,7 +130,7 @@ def test_parity_with_torch_optim_muon(scale, adjust_lr_fn):
     shapes = [(32, 16), (16, 32), (24, 24), (24, 24)]
     ours = [torch.nn.Parameter(gaussian(*s, seed=i)) for i, s in enumerate(shapes)]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt = Muon(ours, lr=lr, momentum=0.95, weight_decay=wd, scale=scale, dtype="bf16")
+    opt = Muon(ours, MuonSpec(lr=lr, momentum=0.95, weight_decay=wd, scale=scale, dtype="bf16"))
     ref_opt = torch.optim.Muon(ref, lr=lr, momentum=0.95, weight_decay=wd, adjust_lr_fn=adjust_lr_fn)
     w_max = [q.detach().abs() for q in ref]
     u_max = [torch.zeros_like(q) for q in ref]
@@ -148,9 +154,9 @@ def test_parity_with_torch_optim_muon(scale, adjust_lr_fn):
 
 def test_rejects_non_matrices_and_bad_values():
     with pytest.raises(ValueError, match=r"2-D matrices only; got a parameter of shape \(5,\)"):
-        Muon([torch.nn.Parameter(torch.zeros(5))])
+        Muon([torch.nn.Parameter(torch.zeros(5))], MuonSpec())
     with pytest.raises(ValueError, match="backend: 'newton'"):
-        Muon([torch.nn.Parameter(torch.zeros(2, 2))], backend="newton")
+        MuonSpec(backend="newton").validate()
     with pytest.raises(ValueError, match=r"optimizer.momentum: must be in \[0, 1\)"):
         MuonSpec(momentum=1.0).validate()
     with pytest.raises(ConfigError, match="optimizer.aux.lr: must be > 0"):  # the nested AdamW, typed and checked
@@ -175,9 +181,9 @@ def snapshot(model):
 
 
 def assert_every_parameter_moved(model, before):
-    """Every trainable tensor changed since `before` (snapshot): no group, and neither half of a Hybrid, has
-    silently stopped stepping (a loss criterion alone misses a dead half: the tiny GPT-2 memorizes its batch
-    with AdamW on the embeddings alone)."""
+    """Every trainable tensor changed since `before` (snapshot): no group, and no member of a
+    CombinedOptimizer, has silently stopped stepping (a loss criterion alone misses a dead half: the tiny
+    GPT-2 memorizes its batch with AdamW on the embeddings alone)."""
     still = [name for name, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[name])]
     assert not still, f"never updated: {still}"
 
@@ -196,7 +202,8 @@ def train(model, opt, batch, steps):
 def test_hybrid_lowers_the_loss():
     # the aux lr at which the figures below were measured (1e-2; the default is now 1e-3, a-priori)
     model, opt, batch = tiny_problem(MuonSpec(aux=dataclasses.replace(MuonSpec().aux, lr=1e-2)))
-    assert isinstance(opt, Hybrid) and [type(o).__name__ for o in opt.optimizers] == ["Muon", "AdamW"]
+    assert isinstance(opt, CombinedOptimizer)
+    assert [type(o).__name__ for o in opt.optimizers] == ["Muon", "AdamW"]
     before = snapshot(model)
     losses = train(model, opt, batch, 15)
     # Memorizing one batch from ~ln(4096) = 8.32 (8.34 at this init): measured drop 8.33 in 15 steps

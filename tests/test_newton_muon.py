@@ -11,8 +11,9 @@ from test_muon import assert_every_parameter_moved, snapshot
 from torch import nn
 
 import optimizers.newton_muon as nm
-from harness.config import ConfigError, build_optimizer_spec
-from harness.hooks import InputHooks
+from harness.config.schema import ConfigError
+from harness.config.validate import build_optimizer_spec
+from harness.probes.hooks import InputHooks
 from models import ROLE_GROUP, ModelConfig, build_model
 from optimizers.groups import split_parameters
 from optimizers.muon import MuonSpec
@@ -54,8 +55,8 @@ def inverse_tol(K, blocks, tokens):
 
 def one_matrix(shape, **kw):
     W = nn.Parameter(torch.randn(shape))
-    opt = NewtonMuon([W], refresh_every=1, stats_beta=BETA, ridge=RIDGE, init_scale=INIT, backend="svd",
-                     dtype="fp32", **kw)
+    opt = NewtonMuon([W], NewtonMuonSpec(refresh_every=1, stats_beta=BETA, ridge=RIDGE, init_scale=INIT,
+                                         backend="svd", dtype="fp32", **kw))
     return W, opt
 
 
@@ -127,7 +128,8 @@ def test_two_layers_fed_one_tensor_share_one_gram(monkeypatch):
     torch.manual_seed(2)
     a, b, c = nn.Linear(16, 16), nn.Linear(16, 24), nn.Linear(16, 4)
     model = nn.ModuleList([a, b, c])
-    opt = NewtonMuon([a.weight, b.weight, c.weight], refresh_every=1, stats_beta=BETA, init_scale=INIT)
+    opt = NewtonMuon([a.weight, b.weight, c.weight],
+                     NewtonMuonSpec(refresh_every=1, stats_beta=BETA, init_scale=INIT))
     hooks = InputHooks.attach(model, opt, [a.weight, b.weight, c.weight])
     hooks.begin_step(0)
     xs = [torch.randn(4, 16), torch.randn(4, 16)]
@@ -153,7 +155,7 @@ def test_inputs_out_of_step_or_for_unknown_weights_are_errors():
     with pytest.raises(RuntimeError, match="no layer inputs"):  # refresh_every=1: every step needs inputs
         opt.step()
     W = nn.Parameter(torch.randn(4, 4))
-    opt = NewtonMuon([W], refresh_every=2)
+    opt = NewtonMuon([W], NewtonMuonSpec(refresh_every=2))
     opt.observe_input(W, torch.randn(2, 4))
     W.grad = torch.randn(4, 4)
     with pytest.raises(RuntimeError, match="not a refresh step"):  # step 0 of k=2 is not a refresh

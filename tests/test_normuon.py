@@ -1,5 +1,5 @@
 """NorMuon's row normalization against the official code's maths (optimizers.md 5.2, check 8.8) and NorMuon
-through the Hybrid on the tiny GPT-2 (loss, save/load, seed), with the helpers of tests/test_muon.py."""
+with its auxiliary AdamW on the tiny GPT-2 (loss, save/load, seed), with the helpers of tests/test_muon.py."""
 
 import dataclasses
 
@@ -17,7 +17,7 @@ from test_muon import (
     train,
 )
 
-from optimizers.muon import Muon
+from optimizers.muon import Muon, MuonSpec
 from optimizers.normuon import NorMuon, NorMuonSpec, normuon_normalize
 from optimizers.ortho import polar_svd
 
@@ -88,8 +88,8 @@ def test_equals_muon_when_rows_are_already_balanced():
     # normalization that is not the identity here (without the Frobenius rescale: 0.28 off) or no decay fails.
     steps, lr = 3, 0.02
     params = [torch.nn.Parameter(gaussian(8, 8, seed=s)) for s in (0, 0)]
-    opts = [Muon([params[0]], lr=lr, backend="svd", weight_decay=0.1),
-            NorMuon([params[1]], lr=lr, backend="svd", weight_decay=0.1)]
+    opts = [Muon([params[0]], MuonSpec(lr=lr, backend="svd", weight_decay=0.1)),
+            NorMuon([params[1]], NorMuonSpec(lr=lr, backend="svd", weight_decay=0.1))]
     w_max = params[0].detach().abs().max().item()
     for t in range(steps):
         for p, opt in zip(params, opts):

@@ -10,7 +10,8 @@ import torch
 from conftest import rounding_tol
 from test_muon import assert_every_parameter_moved, snapshot
 
-from harness.config import ConfigError, build_optimizer_spec
+from harness.config.schema import ConfigError
+from harness.config.validate import build_optimizer_spec
 from models import ROLE_GROUP, ModelConfig, build_model
 from optimizers.groups import split_parameters
 from optimizers.ortho import DTYPES, orthogonalize
@@ -62,8 +63,8 @@ def test_each_step_matches_svd_reference(polar_first, dtype):
     torch.manual_seed(1)
     W0, grads = torch.randn(24, 16, dtype=dtype), [torch.randn(24, 16, dtype=dtype) for _ in range(2)]
     W = torch.nn.Parameter(W0.clone())
-    opt = PolarGrad([W], lr=0.1, momentum=0.9, weight_decay=0.5, polar_first=polar_first, backend="qdwh",
-                    extra_scale=0.5)
+    opt = PolarGrad([W], PolarGradSpec(lr=0.1, momentum=0.9, weight_decay=0.5, polar_first=polar_first,
+                                       backend="qdwh", ns_steps=None, extra_scale=0.5, lr_scale="raw"))
     refs = reference_steps(W0, grads, lr=0.1, momentum=0.9, wd=0.5, extra=0.5, polar_first=polar_first)
     eps = torch.finfo(dtype).eps
     for t, (G, ref) in enumerate(zip(grads, refs), start=1):
@@ -104,7 +105,8 @@ def test_each_backend_gives_the_polargrad_step(backend, dtype, steps, scalar_ran
     W0, G = torch.randn(shape), torch.randn(shape)
     W = torch.nn.Parameter(W0.clone())
     W.grad = G.clone()
-    PolarGrad([W], lr=1.0, momentum=0.0, backend=backend, ns_steps=steps, dtype=dtype).step()
+    PolarGrad([W], PolarGradSpec(lr=1.0, momentum=0.0, backend=backend, ns_steps=steps, dtype=dtype,
+                                 lr_scale="raw")).step()
     step = (W0 - W.detach()).double()
     # The rule with this back-end's polar factor O (the same call, so the same O): step = <G, O> O. Ours forms
     # <G, O> as an fp32 sum of m n products, rounding_tol(m n) of sum |G_ij O_ij| (<= 1.03 <G, O> here), and
@@ -226,5 +228,7 @@ def test_raw_lr_scale_is_the_references_lr():
     assert opt.optimizers[0].param_groups[0]["lr_calibration"] == 1.0
     train_steps(model, opt, x, y, 1)
     assert opt.optimizers[0].param_groups[0]["lr_calibration"] == 1.0
-    # the class on its own is the reference's PolarGrad: lr as given
-    assert PolarGrad([torch.nn.Parameter(torch.ones(2, 2))]).defaults["lr_scale"] == "raw"
+    # the class takes the spec's rule: raw starts (and stays) at c = 1, muon_at_init leaves c to step 1
+    W = torch.nn.Parameter(torch.ones(2, 2))
+    assert PolarGrad([W], PolarGradSpec(lr_scale="raw")).param_groups[0]["lr_calibration"] == 1.0
+    assert PolarGrad([W], PolarGradSpec()).param_groups[0]["lr_calibration"] is None

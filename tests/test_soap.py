@@ -1,7 +1,7 @@
 """SOAP against its equations (optimizers.md 7; nikhilvyas/SOAP soap.py) on small matrices, with an explicit
 fp64 reference that keeps M in the original space and computes every basis with torch.linalg.eigh; Adam
-when no side is rotated; the eigh fallback; and through the Hybrid on the tiny GPT-2: it lowers the loss,
-its state survives save/load bit for bit, a seed fixes the result; a bad value in its YAML fails naming
+when no side is rotated; the eigh fallback; and with its auxiliary AdamW on the tiny GPT-2: it lowers the
+loss, its state survives save/load bit for bit, a seed fixes the result; a bad value in its YAML fails naming
 the key. Helpers from tests/test_muon.py."""
 
 import math
@@ -12,8 +12,9 @@ import torch
 from omegaconf import OmegaConf
 from test_muon import check_same_seed_same_result, check_state_round_trip, gaussian, tiny_problem, train
 
-from harness.config import ConfigError, build_optimizer_spec
-from optimizers.hybrid import Hybrid
+from harness.config.schema import ConfigError
+from harness.config.validate import build_optimizer_spec
+from optimizers.hybrid import CombinedOptimizer
 from optimizers.soap import SOAP, SOAPSpec, eigenbasis, initial_basis, refresh_side
 
 YAML = Path(__file__).resolve().parent.parent / "conf" / "optimizer" / "soap.yaml"
@@ -75,8 +76,8 @@ def test_steps_match_the_explicit_fp64_reference(shape, max_dim):
     W0 = gaussian(*shape, seed=7)
     grads = [gaussian(*shape, seed=10 + t) * (1 + t % 3) for t in range(13)]
     W = torch.nn.Parameter(W0.clone())
-    opt = SOAP([W], lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["wd"],
-               precondition_frequency=hp["freq"], max_precond_dim=max_dim)
+    opt = SOAP([W], SOAPSpec(lr=hp["lr"], betas=list(hp["betas"]), eps=hp["eps"], weight_decay=hp["wd"],
+                             precondition_frequency=hp["freq"], max_precond_dim=max_dim))
     W.grad = grads[0]
     opt.step()
     assert torch.equal(W.detach(), W0)  # the first step only initialises the preconditioner (reference)
@@ -108,7 +109,7 @@ def test_without_rotation_it_is_adamw_from_the_second_step():
     # update differently, so W may round differently at each step: <= steps x eps |W| (measured 7.5e-9 vs
     # 1.6e-6); a bias-correction or decay slip moves W by ~lr = 1e-2 x a fraction.
     W, V = torch.nn.Parameter(gaussian(5, 7)), torch.nn.Parameter(gaussian(5, 7))
-    opt = SOAP([W], lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, max_precond_dim=4)
+    opt = SOAP([W], SOAPSpec(lr=0.01, betas=[0.9, 0.95], weight_decay=0.1, max_precond_dim=4))
     ref = torch.optim.AdamW([V], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     W.grad = gaussian(5, 7, seed=99)
     opt.step()
@@ -148,7 +149,8 @@ def test_eigh_failure_keeps_the_previous_basis():
 
 def test_hybrid_lowers_the_loss():
     model, opt, batch = tiny_problem(SOAPSpec())
-    assert isinstance(opt, Hybrid) and [type(o).__name__ for o in opt.optimizers] == ["SOAP", "AdamW"]
+    assert isinstance(opt, CombinedOptimizer)
+    assert [type(o).__name__ for o in opt.optimizers] == ["SOAP", "AdamW"]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses = train(model, opt, batch, 15)
     # both halves step every tensor they hold (AdamW alone, on the embeddings, reaches 2.2: the loss cannot tell)
@@ -180,4 +182,4 @@ def test_yaml_matches_the_spec_and_bad_values_name_the_key():
     with pytest.raises(ConfigError, match=r"^optimizer\.aux\.betas: need two values"):
         build_optimizer_spec(OmegaConf.merge(node, {"aux": {"betas": [1.0, 0.9]}}))
     with pytest.raises(ValueError, match=r"2-D matrices only; got a parameter of shape \(5,\)"):
-        SOAP([torch.nn.Parameter(torch.zeros(5))])
+        SOAP([torch.nn.Parameter(torch.zeros(5))], SOAPSpec())
