@@ -165,7 +165,7 @@ def ngram_lines(cfg) -> dict[str, Any] | None:
 
     from data.config import DataConfig
     from data.loader import TokenData
-    from harness.records import REPO
+    from harness.lifecycle.records import REPO
 
     dcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data))
     data_dir = dcfg.dir if Path(dcfg.dir).is_absolute() else str(REPO / dcfg.dir)

@@ -128,7 +128,7 @@ class BenchConfig:
     jobs: int = 1
     threads: int = 0  # torch threads per run (0 = torch's default); parallel CPU runs want cores / jobs
     logger: str = "wandb"  # conf/logger: wandb (offline without an API key) | none
-    diagnostics: dict[str, Any] = field(default_factory=dict)  # a diag phase (harness/diagnostics.py); {} = none
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # a diag phase (harness/probes/diagnostics.py); {} = none
     arms: dict[str, ArmConfig] = field(default_factory=dict)
     # resolved at load from the composed experiment (not declared): the schedule and whether budgets branch
     schedule: dict[str, Any] = field(default_factory=dict)
@@ -190,7 +190,7 @@ def load_bench(name_or_path: str, **cli: Any) -> BenchConfig:
 
 def composed_schedule(b: BenchConfig) -> dict[str, Any]:
     """The workload's schedule as Hydra composes it (experiment + overrides)."""
-    from harness.config import register_configs
+    from harness.config.schema import register_configs
 
     register_configs()
     try:
@@ -246,7 +246,7 @@ def validate(b: BenchConfig) -> None:
 def _check_diagnostics(b: BenchConfig) -> None:
     if not b.diagnostics:
         return
-    from harness.diagnostics import DiagnosticsConfig
+    from harness.probes.diagnostics import DiagnosticsConfig
 
     try:
         diag = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DiagnosticsConfig), b.diagnostics))

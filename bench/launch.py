@@ -2,7 +2,7 @@
 
 Each run gets a generated trial config (<out>/conf/trial/<name>.yaml, kept for the record); the multirun's
 sweep directory puts it at runs/<phase>/<arm>/<trial>. Runs whose records are complete are not launched
-again; train.skip_complete covers a run that completed between the check and the launch.
+again; train.on_complete=skip covers a run that completed between the check and the launch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from bench.declaration import REPO, BenchConfig, BenchError
 from bench.plan import PlannedRun, trial_config
-from harness.run import complete_summary
+from harness.lifecycle.rundir import complete_summary
 
 # Linux: the multirun gets SIGTERM when this driver dies, even by SIGKILL (prctl PR_SET_PDEATHSIG = 1, set in
 # the child and kept across its exec), so a killed benchmark leaves no run training on behind it.
@@ -33,7 +33,7 @@ def hydra_command(b: BenchConfig, out: Path, names: list[str]) -> list[str]:
     cmd = [sys.executable, str(REPO / "train.py"), "-m", f"experiment={b.experiment}", *b.overrides,
            f"hydra.searchpath=[file://{(out / 'conf').resolve()}]", f"+trial={','.join(names)}",
            f"hydra.sweep.dir={out.resolve() / 'runs'}", "hydra.sweep.subdir=${bench.phase}/${bench.arm}/${bench.trial}",
-           "train.skip_complete=true", "train.progress=false", "train.save_final=false",
+           "train.on_complete=skip", "train.on_broken=move_aside", "train.on_crash=record", "train.progress=false", "train.save_final=false",
            f"train.threads={b.threads}", f"logger={b.logger}"]
     if b.launcher == "joblib":
         cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={b.jobs}"]

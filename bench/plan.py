@@ -21,7 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from bench.declaration import BenchConfig, seed_pair
-from harness.run import complete_summary
+from harness.lifecycle.rundir import complete_summary
 
 PHASES = ("tune", "cert", "seed", "branch", "diag")
 
@@ -43,7 +43,7 @@ class PlannedRun:
 
 
 def cooldown_start(budget: int, decay_frac: float) -> int:
-    """The step a WSD run with max_steps `budget` starts its decay at (harness/schedule.py's rounding)."""
+    """The step a WSD run with max_steps `budget` starts its decay at (harness/loop/schedule.py's rounding)."""
     return budget - max(1, round(decay_frac * budget))
 
 

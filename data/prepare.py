@@ -31,6 +31,7 @@ import glob
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -38,6 +39,7 @@ from tokenizers import Tokenizer
 from data.corpus import KJV_SHA256, kjv_documents
 from data.shards import DataError, open_shard, sha256_file, write_shard
 from data.tokenizer import EOT, eot_id, load_tokenizer, save_tokenizer, train_bpe
+from runtime.files import atomic_write_json
 
 SHARD_TOKENS = 100_000_000
 
@@ -105,14 +107,6 @@ def unigram_entropy_nats(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _up_to_date(out: str, args: dict) -> bool:
     try:
         with open(os.path.join(out, "meta.json")) as f:
@@ -161,7 +155,7 @@ def finish(out: str, corpus: str, source_sha256: str | None, tok: Tokenizer, tok
         "unigram_entropy_nats": unigram_entropy_nats(train.counts),
         "args": args,
     }
-    _write_json(os.path.join(out, "meta.json"), meta)
+    atomic_write_json(Path(out) / "meta.json", meta)
     return meta
 
 

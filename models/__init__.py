@@ -1,5 +1,13 @@
 """Language models under test and the parameter roles optimizers group them by.
 
+    config.py  ModelConfig (the schema of conf/model/*.yaml) and the parameter roles, ROLE_GROUP
+    base.py    CausalLM: roles declared where layers are built, initialisation, parameter counts, FLOPs,
+               the fused linear cross-entropy head
+    gpt2.py    GPT-2 (nanoGPT's layout: fused c_attn, GELU MLP, LayerNorm, tied head)
+    llama.py   Llama (RMSNorm, rotary embeddings, SwiGLU, separate q/k/v, untied head)
+    pc.py      the PC layer (polynomial weight preconditioning) and its merge into plain weights
+    hf.py      conversion to and from Hugging Face transformers
+
     python -c "from models import ModelConfig, build_model; m = build_model(ModelConfig()); print(m.num_params())"
 """
 

@@ -208,20 +208,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     chunk of 512 rows: z = x_c W^T, m = max z, e = exp(z - m) in place, s = sum e, loss += m + log s - z[y],
     then e becomes the gradient (e / s - onehot) / N in place, dx_c = e W and dW += e^T x_c. The chunk (8 MB
     of logits at 4,096 words) stays in cache through its five passes, which F.linear + cross-entropy make over
-    the whole N x V tensor in memory; one exp instead of two; the full logits never exist. At cpu_small (8,192
-    tokens x 4,096 words) the head with its loss, forward and backward, took 180-225 ms against 310-334 ms for
-    F.linear + CrossEntropy. Same values to
-    float rounding (tests/test_models.py). The backward only scales the saved gradients, so it has no double
+    the whole N x V tensor in memory; one exp instead of two; the full logits never exist. `make perf` measures
+    it against F.linear + cross-entropy (results/perf/<preset>.json: fused_head). Same values to float rounding
+    (tests/test_models.py). The backward only scales the saved gradients, so it has no double
     backward: a create_graph backward through it raises (use `differentiable_loss()`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         # Rows per chunk. Each chunk also reads and writes all of dW (V x C), so small chunks lose at a large
-        # vocabulary. Head + loss, forward and backward, in chunks of 128 / 512 / 1,024 rows (F.linear +
-        # CrossEntropy in brackets), at (tokens, C, V) = (2048, 768, 50304): 3.21 / 2.90 / 2.81 s (3.0 s);
-        # (4096, 256, 32000): 1.95 (64: 1.95, 256: 1.47) / 1.36 / 1.35 s (1.74 s); (8192, 128, 4096):
-        # 0.18-0.19 s for 256 to 1,024 (0.31 s). 512 and more are equal within noise.
+        # vocabulary; a chunk of 512 rows keeps its logits in cache at the benchmark's vocabulary.
         rows = 512
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None

@@ -48,7 +48,7 @@ class Dist:
     fsdp: bool = False  # train.parallel=fsdp with world > 1
 
     @property
-    def main(self) -> bool:
+    def is_rank0(self) -> bool:
         return self.rank == 0
 
     def shard(self, model: torch.nn.Module, device: torch.device) -> None:
@@ -100,11 +100,10 @@ def shutdown() -> None:
     """Leave the process group in step (a barrier, then destroy it), then end a multi-process rank at once.
 
     Exiting with a live gloo group can abort a rank at interpreter exit ("terminate called without an active
-    exception"), and so, rarely, can exiting after destroying it: gloo's worker threads may still be torn down
-    during interpreter finalization (pytorch/pytorch#190489, #179291). Seen here in two of the last three
-    full test-suite runs (one two-process launch each, under load), turning a finished run into a SIGABRT.
-    So a rank that ran a process group flushes its streams and logs and leaves by os._exit(0), skipping
-    finalization; by then its records are written and closed. Single-process runs return normally."""
+    exception"), and so, rarely and under load, can exiting after destroying it: gloo's worker threads may still
+    be torn down during interpreter finalization (pytorch/pytorch#190489, #179291), which turns a finished run
+    into a SIGABRT. So a rank that ran a process group flushes its streams and logs and leaves by os._exit(0),
+    skipping finalization; by then its records are written and closed. Single-process runs return normally."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     dist.barrier()

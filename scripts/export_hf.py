@@ -22,17 +22,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerFast
 
+from harness.lifecycle.checkpoint import CheckpointError
 from models import ModelConfig, build_model
 from models.hf import to_hf
 from models.pc import merge_pc
 
 # What torch.load and load_state_dict raise on a file that is not a model_final.pt of this code.
 LOAD_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError)
-
-
-def fail(msg: str) -> int:
-    print(f"export_hf: {msg}", file=sys.stderr)
-    return 2
 
 
 def tokenizer_file(run_dir: Path) -> Path | None:
@@ -45,10 +41,6 @@ def tokenizer_file(run_dir: Path) -> Path | None:
         return None
     path = Path(data_dir) if Path(data_dir).is_absolute() else ROOT / data_dir
     return path / "tokenizer.json" if (path / "tokenizer.json").is_file() else None
-
-
-class CheckpointError(ValueError):
-    """A RUN_DIR without a readable model_final.pt of this code; the message names the file."""
 
 
 def load_run_model(run_dir: Path) -> torch.nn.Module:
@@ -71,16 +63,24 @@ def load_model(ckpt: Path) -> torch.nn.Module:
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_and_out(argv: list[str] | None, doc: str, name: str) -> tuple[argparse.Namespace, torch.nn.Module | None]:
+    """The command line RUN_DIR OUT_DIR of this script and scripts/merge_pc.py, and RUN_DIR's model (None, with
+    the problem printed as one line naming the script, when it cannot be read)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
-
     try:
-        model = load_run_model(args.run_dir)
+        return args, load_run_model(args.run_dir)
     except CheckpointError as e:
-        return fail(str(e))
+        print(f"{name}: {e}", file=sys.stderr)
+        return args, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, model = run_and_out(argv, __doc__, "export_hf")
+    if model is None:
+        return 2
 
     if model.cfg.pc_level:
         print(f"merging the PC layers (model.pc_level={model.cfg.pc_level}) into plain weights")

@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.records import code_version
+from harness.lifecycle.records import code_version
 from runtime.files import atomic_write_json, atomic_write_text
 
 PY, THIS = sys.executable, "scripts/gpu_check.py"
@@ -88,14 +88,14 @@ def plan(args) -> dict[str, dict[str, list[str]]]:
 
 def compose_error(overrides: list[str]) -> str | None:
     """train.py's own checks without running it: the preflight's one-line composition error (and run
-    directory check), then the typed config's validation (harness/config.py), all before any compute."""
+    directory check), then the typed config's validation (harness/config/schema.py), all before any compute."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from harness.config import ConfigError, register_configs, validate
-    from harness.preflight import composition_error, run_dir_error
-    from harness.run import to_typed
+    from harness.config.preflight import composition_error, run_dir_error
+    from harness.config.schema import ConfigError, register_configs, to_typed
+    from harness.config.validate import validate
 
     register_configs()
     error, run_dir = composition_error(CONF, overrides)
@@ -147,10 +147,10 @@ def check_plan(args, steps: dict) -> list[str]:
                            timeout=60, check=False).stdout
     if missing := [flag for flag in ("--repeats", "--optimizers", "--out") if flag not in usage]:
         problems.append(f"perf: scripts/perf.py --help lists no {', '.join(missing)}")
-    unknown = sorted(set(args.perf_optimizers) - set(perf.OPTIMIZERS))
+    unknown = sorted(set(args.perf_optimizers) - set(perf.optimizer_names()))
     if unknown or "adamw" not in args.perf_optimizers:
         problems.append(f"perf: --perf-optimizers: {', '.join(unknown) or 'adamw is required'} "
-                        f"(scripts/perf.py knows {', '.join(perf.OPTIMIZERS)})")
+                        f"(scripts/perf.py knows {', '.join(perf.optimizer_names())})")
     return problems + [f"{step}[{key}]: {e}" for step, cmds in steps.items() for key, cmd in cmds.items()
                        if (e := command_error(cmd))]
 

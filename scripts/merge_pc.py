@@ -12,7 +12,6 @@ unchanged. Exit code 2 when an input is missing or unreadable.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -21,27 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts/ is not a package; the repository root holds models/
 
 import torch
-from export_hf import CheckpointError, load_run_model  # sibling script: scripts/ is sys.path[0] when run
+from export_hf import run_and_out  # sibling script: scripts/ is sys.path[0] when run
 from omegaconf import OmegaConf
 
 from models.pc import merge_pc
 
 
-def fail(msg: str) -> int:
-    print(f"merge_pc: {msg}", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
-
-    try:
-        model = load_run_model(args.run_dir)
-    except CheckpointError as e:
-        return fail(str(e))
+    args, model = run_and_out(argv, __doc__, "merge_pc")
+    if model is None:
+        return 2
 
     level = model.cfg.pc_level
     plain = merge_pc(model) if level else model

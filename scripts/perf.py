@@ -40,14 +40,12 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.config import register_configs, validate
-from harness.hooks import InputHooks
-from harness.records import environment
-from harness.run import to_typed
-from models import ROLE_GROUP, build_model
+from harness.config.schema import register_configs
+from harness.lifecycle.prepare import CompleteRun, prepare_run
+from harness.lifecycle.records import environment, state_bytes
 from optimizers import ortho
-from optimizers.groups import row_slices, split_parameters
-from runtime.device import autocast, matmul_rates, resolve_device, resolve_precision, synchronize
+from optimizers.groups import row_slices
+from runtime.device import autocast, matmul_rates, synchronize
 from runtime.files import atomic_write_json, atomic_write_text
 
 # Presets: model and global batch (sequences x tokens); micro = global (no accumulation) unless given.
@@ -58,48 +56,52 @@ PRESETS = {
     "gpt2_124m": ["model=gpt2_124m", "train.seq_len=1024", "train.global_batch_size=32",
                   "train.micro_batch_size=16"],
 }
-OPTIMIZERS = ["adamw", "muon", "muon_fp32", "normuon", "polargrad", "newton_muon", "adam_mini", "soap", "lion"]
-MATRIX = {"muon", "muon_fp32", "normuon", "polargrad", "newton_muon"}
 # Measured entries that are another entry's conf/optimizer/*.yaml with overrides: Muon with its Newton-Schulz in
 # fp32 (dtype: auto runs it in bf16 where bf16 matmuls measure fast), the like-for-like reference for PolarGrad,
 # whose QDWH runs in fp32/fp64 (no bf16 QR or Cholesky).
 VARIANTS = {"muon_fp32": ("muon", ("optimizer.dtype=fp32",))}
 
 
-def config(preset: str, optimizer: str = "adamw", extra: tuple[str, ...] = ()):
+def optimizer_names() -> list[str]:
+    """Every conf/optimizer/*.yaml (AdamW, the reference, first), each variant after its base."""
+    names = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml"))
+    names = ["adamw", *(n for n in names if n != "adamw")]
+    for variant, (base, _) in VARIANTS.items():
+        names.insert(names.index(base) + 1, variant)
+    return names
+
+
+def compose_run(preset: str, optimizer: str, extra: tuple[str, ...] = ()):
+    """The run train.py would prepare for this preset and optimizer (conf/ composed by Hydra, prepare_run), in a
+    throw-away run directory: the same checks, model, parameter split, optimizer, precision and compile choice."""
+
+    base, overrides = VARIANTS.get(optimizer, (optimizer, ()))
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3", job_name="perf"):
-        dcfg = compose("config", overrides=[*PRESETS[preset], f"optimizer={optimizer}", "logger=none", "name=perf",
-                                                  *extra])
-    cfg = to_typed(dcfg)
-    return cfg, validate(cfg)
+        dcfg = compose("config", overrides=[*PRESETS[preset], f"optimizer={base}", "logger=none", "name=perf",
+                                            *overrides, *extra])
+    with tempfile.TemporaryDirectory() as tmp:
+        run = prepare_run(dcfg, Path(tmp) / "run")
+        assert not isinstance(run, CompleteRun)
+        run.lock.release(remove=True)
+    return run
 
 
 class Setup:
-    """Model + optimizer of one configuration, with a fixed random global batch (timing needs no data)."""
+    """One prepared run's model and optimizer, with a fixed random global batch (timing needs no data)."""
 
-    def __init__(self, preset: str, optimizer: str, device: torch.device, extra: tuple[str, ...] = ()):
-        base, overrides = VARIANTS.get(optimizer, (optimizer, ()))
-        self.cfg, spec = config(preset, base, (*overrides, *extra))
-        t = self.cfg.train
-        torch.manual_seed(0)
-        self.model = build_model(self.cfg.model).to(device)
-        self.split = split_parameters(self.model.named_parameters(), self.model.param_roles(), ROLE_GROUP,
-                                      self.model.attn_layout())
-        self.opt = spec.build(self.split)
-        for g in self.opt.param_groups:
-            g["peak_lr"] = g["lr"]
-        self.hooks = InputHooks.attach(self.model, self.opt, self.split.params("hidden"))
-        self.device, self.precision = device, resolve_precision(t.precision, device)
-        # train.py's choice: torch.compile on CUDA unless train.compile says otherwise (eager on CPU)
-        self.compiled = device.type == "cuda" if t.compile is None else t.compile
+    def __init__(self, preset: str, optimizer: str, extra: tuple[str, ...] = ()):
+        self.run = run = compose_run(preset, optimizer, extra)
+        t = run.cfg.train
+        self.cfg, self.model, self.split, self.opt, self.hooks = run.cfg, run.model, run.split, run.optimizer, run.input_hooks
+        self.device, self.precision, self.compiled, self.accum = run.device, run.precision, run.compile, run.grad_accum
         self.fast = torch.compile(self.model) if self.compiled else self.model
-        self.accum = t.global_batch_size // t.micro_batch_size
         gen = torch.Generator().manual_seed(1)
         self.batches = [torch.randint(0, self.cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1),
-                                      generator=gen).to(device) for _ in range(self.accum)]
-        self.tokens = t.global_batch_size * t.seq_len
+                                      generator=gen).to(self.device) for _ in range(self.accum)]
+        self.tokens = run.tokens_per_step
         self.steps = 0
+        self.matrix = any("backend" in g for g in self.opt.param_groups)  # an orthogonalizing method
 
     def fwd_bwd(self, model=None) -> None:
         model = model or self.fast
@@ -138,11 +140,6 @@ def rounds(items: dict[str, Callable[[], object]], repeats: int, device: torch.d
         for k, fn in items.items():
             times[k].append(timed(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def state_bytes(opt) -> int:
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor))
 
 
 def ortho_cost(s: Setup, repeats: int) -> dict[str, float]:
@@ -190,7 +187,7 @@ def shape_matmul_rate(shapes: list[list[int]], dtype: torch.dtype, repeats: int,
 
 def measure_optimizers(preset: str, optimizers: list[str], device: torch.device, repeats: int) -> dict:
     """fwd+bwd and step() of every optimizer, interleaved; state bytes; the matrix methods' ortho cost."""
-    setups = {name: Setup(preset, name, device) for name in optimizers}
+    setups = {name: Setup(preset, name) for name in optimizers}
     for s in setups.values():  # gradients to step with (kept: step() does not consume them), state created
         s.fwd_bwd()
         s.step()
@@ -210,7 +207,7 @@ def measure_optimizers(preset: str, optimizers: list[str], device: torch.device,
              # a training step with this optimizer over one with AdamW (the published Muon figure: ~1.025
              # at GPT-2 124M on an H100), from the same forward+backward and the two steps
              "train_step_over_adamw": (t["fwd_bwd"] + t[name]) / (t["fwd_bwd"] + adamw) if adamw else None}
-        if name in MATRIX:
+        if s.matrix:
             # The orthogonalization's matmul FLOP rate against (1) the machine's measured fp32 matmul rate
             # (512², the issue's yardstick), (2) the rate of its own dtype (bf16 where it runs in bf16), and
             # (3) plain batched matmuls of its own shapes and dtype (what these small matrices allow).
@@ -254,9 +251,9 @@ def mfu(flops: float, seconds: float, precision: str, device: torch.device) -> d
 def newton_refresh(preset: str, device: torch.device, repeats: int) -> dict:
     """Newton-Muon's refresh, amortized over its interval k: the refresh step (statistics folded, batched
     Cholesky) and the forward hooks' Gram matrices, measured with refresh_every=1, spread over k steps."""
-    plain = Setup(preset, "newton_muon", device)
-    every = Setup(preset, "newton_muon", device, ("optimizer.refresh_every=1",))
-    k = plain.opt.refresh_every
+    plain = Setup(preset, "newton_muon")
+    every = Setup(preset, "newton_muon", ("optimizer.refresh_every=1",))
+    k = plain.opt.spec.refresh_every
     for s in (plain, every):
         s.fwd_bwd()
     every.hooks.begin_step(0)
@@ -291,15 +288,15 @@ def references(preset: str, device: torch.device, repeats: int) -> dict:
 
     from models.hf import hf_config
 
-    ours = Setup(preset, "adamw", device)
-    ref = Setup(preset, "adamw", device)  # its gradients stay (ours.train_step zeroes its own)
+    ours = Setup(preset, "adamw")
+    ref = Setup(preset, "adamw")  # its gradients stay (ours.train_step zeroes its own)
     ref.fwd_bwd()
     params = list(ref.model.parameters())
     refs = {"torch_adamw_foreach": torch.optim.AdamW(params, lr=1e-3, foreach=True),
             "torch_adamw_fused": torch.optim.AdamW(params, lr=1e-3, fused=True)}
-    muon_setup = Setup(preset, "muon", device)
+    muon_setup = Setup(preset, "muon")
     hidden = muon_setup.split.params("hidden")
-    our_muon = muon_setup.opt.optimizers[0]  # the Muon member of the Hybrid: hidden matrices only
+    our_muon = muon_setup.opt.optimizers[0]  # the Muon member of the CombinedOptimizer: hidden matrices only
     muon_setup.fwd_bwd()
     items = {k: o.step for k, o in refs.items()}
     if hasattr(torch.optim, "Muon"):
@@ -331,7 +328,7 @@ def references(preset: str, device: torch.device, repeats: int) -> dict:
 def large_batch_muon(preset: str, device: torch.device, tokens: int, step_s: float) -> dict:
     """Muon's step against forward+backward at >= `tokens` per step (accumulation): the step does not
     grow with the batch, forward+backward does."""
-    s = Setup(preset, "muon", device)
+    s = Setup(preset, "muon")
     reps = math.ceil(tokens / s.tokens)
     s.fwd_bwd()
     fb = statistics.median(timed(s.fwd_bwd, device) for _ in range(2)) * reps
@@ -339,11 +336,35 @@ def large_batch_muon(preset: str, device: torch.device, tokens: int, step_s: flo
 
 
 def pc_overhead(preset: str, device: torch.device, repeats: int) -> dict:
-    plain, pc = Setup(preset, "adamw", device), Setup(preset, "adamw", device, ("model.pc_level=4",))
+    plain, pc = Setup(preset, "adamw"), Setup(preset, "adamw", ("model.pc_level=4",))
     t = rounds({"plain": plain.fwd_bwd, "pc": pc.fwd_bwd}, repeats, device)
     refresh = rounds({"refresh": pc.model.after_optimizer_step}, repeats, device)["refresh"]
     return {"fwd_bwd_s": t["plain"], "pc4_fwd_bwd_s": t["pc"], "pc4_refresh_s": refresh,
             "pc4_overhead": (t["pc"] + refresh) / t["plain"] - 1}
+
+
+def fused_head(preset: str, device: torch.device, repeats: int) -> dict:
+    """The output head with its loss, forward and backward, over one global batch: models/base.py's fused,
+    chunked LinearCrossEntropy against F.linear + F.cross_entropy (the full logits in memory), fp32."""
+    from models.base import LinearCrossEntropy
+
+    s = Setup(preset, "adamw")
+    t, m = s.cfg.train, s.cfg.model
+    gen = torch.Generator().manual_seed(2)
+    n = t.global_batch_size * t.seq_len
+    x = torch.randn(n, m.d_model, generator=gen).to(device).requires_grad_()
+    w = (0.02 * torch.randn(m.vocab_size, m.d_model, generator=gen)).to(device).requires_grad_()
+    y = torch.randint(0, m.vocab_size, (n,), generator=gen).to(device)
+
+    def fused():
+        LinearCrossEntropy.apply(x, w, y).backward()
+
+    def unfused():
+        torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w), y).backward()
+
+    r = rounds({"fused": fused, "unfused": unfused}, repeats, device)
+    return {"tokens": n, "d_model": m.d_model, "vocab": m.vocab_size, "fused_s": r["fused"], "unfused_s": r["unfused"],
+            "fused_over_unfused": r["fused"] / r["unfused"]}
 
 
 def bare_loop(preset: str, steps: int, threads: int) -> float:
@@ -351,13 +372,9 @@ def bare_loop(preset: str, steps: int, threads: int) -> float:
     reads, loaded before the clock: the median step time from step 3 on. Run in a fresh process
     (harness_overhead), like train.py: a long-lived process with a warmed-up heap runs the same loop ~5%
     faster here, which would pass for harness overhead."""
-    from data.loader import TokenData
-
     torch.set_num_threads(threads)
-    s = Setup(preset, "adamw", torch.device("cpu"))
-    t = s.cfg.train
-    data_dir = Path(s.cfg.data.dir) if Path(s.cfg.data.dir).is_absolute() else REPO / s.cfg.data.dir
-    data = TokenData(str(data_dir), s.cfg.data, t.seq_len)
+    s = Setup(preset, "adamw")
+    t, data = s.cfg.train, s.run.data
     batches = []
     for step in range(steps):
         micro = [data.train_batch(step, m, t.micro_batch_size, s.accum) for m in range(s.accum)]
@@ -442,12 +459,15 @@ def table(res: dict) -> str:
         lines.append(f"Muon at {lb['tokens']:,} tokens/step: step / fwd+bwd = {lb['muon_step_over_fwd_bwd']:.2%}")
     if "pc" in res:
         lines.append(f"PC layers (level 4) per step: {res['pc']['pc4_overhead']:+.1%} over forward+backward")
+    if "fused_head" in res:
+        h = res["fused_head"]
+        lines.append(f"Fused head + loss (forward and backward, {h['tokens']:,} tokens x {h['vocab']:,} words): "
+                     f"{h['fused_s'] * 1e3:.1f} ms against {h['unfused_s'] * 1e3:.1f} ms for F.linear + cross-entropy")
     return "\n".join(lines) + "\n"
 
 
 def run(preset: str, repeats: int, optimizers: list[str], out: Path | None, full: bool = True) -> dict:
-    cfg, _ = config(preset)
-    device = resolve_device(cfg.train.device)
+    device = compose_run(preset, "adamw").device
     res = {"preset": preset, "device": str(device), "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "overrides": PRESETS[preset],
            "matmul_gflops": matmul_rates(str(device), 512)}
@@ -461,6 +481,7 @@ def run(preset: str, repeats: int, optimizers: list[str], out: Path | None, full
         res["references"] = references(preset, device, 3 * repeats)
         res["tokens_per_s_over_transformers"] = res["references"]["tokens_per_s_over_transformers"]
         res["pc"] = pc_overhead(preset, device, repeats)
+        res["fused_head"] = fused_head(preset, device, repeats)
         if "muon" in optimizers:
             res["large_batch"] = large_batch_muon(preset, device, 65536, res["optimizers"]["muon"]["step_s"])
         if device.type == "cpu":
@@ -478,14 +499,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("preset", choices=sorted(PRESETS))
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--optimizers", default=",".join(optimizer_names()))
     p.add_argument("--out", default=str(REPO / "results" / "perf"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.optimizers.split(",")
-    unknown = sorted(set(names) - set(OPTIMIZERS))
+    unknown = sorted(set(names) - set(optimizer_names()))
     if unknown or "adamw" not in names:
         sys.exit(f"error: --optimizers: {', '.join(unknown) or 'adamw is required (the reference)'}")
     res = run(args.preset, args.repeats, names, Path(args.out))

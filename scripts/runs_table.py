@@ -20,7 +20,8 @@ COLUMNS = ("optimizer", "lr", "seed", "steps", "final_val_loss", "min_val_loss",
            "tokens_per_s", "opt_step_ms", "diverged")
 
 
-def load_runs(roots: list[Path]) -> list[dict]:
+def summaries_below(roots: list[Path]) -> list[dict]:
+    """Every summary.json below the roots, with the run's lr and its optimizer step in milliseconds."""
     runs = []
     for root in roots:
         for summary_path in sorted(root.rglob("summary.json")):
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    runs = load_runs(args.dirs)
+    runs = summaries_below(args.dirs)
     if not runs:
         print(f"runs_table: no summary.json below {', '.join(map(str, args.dirs))}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ print no Python traceback; start no training (no banner on stdout, no metrics.js
 leave every file that was there before untouched (hashed before and after).
 Hydra's own composition errors (unknown key, unknown group option, a value of the wrong type for a typed
 field, an unparsable override, a run directory that cannot be created) are caught first by train.py's
-preflight (harness/preflight.py), in the same one-line form.
+preflight (harness/config/preflight.py), in the same one-line form.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_bad_input.py -q
 """
@@ -26,7 +26,7 @@ from conftest import REPO, run_train
 from data.shards import open_shard, sha256_file, write_shard
 
 RECORDS = ("metrics.jsonl", "summary.json")
-BANNER = "run dir"  # the first line of train.py's start banner (harness/run.py: banner)
+BANNER = "run dir"  # the first line of train.py's start banner (harness/lifecycle/prepare.py: banner)
 FAST = ("train.max_steps=4", "train.progress=false")
 
 
@@ -71,7 +71,7 @@ def assert_refused(proc, run_dir, prefix: str, *words: str) -> None:
     ("train.max_steps=[1", "error: cannot parse the override 'train.max_steps=[1'"),
 ])
 def test_composition_error_is_one_line_naming_the_key(kjv_dir, tmp_path, override, prefix):
-    """What Hydra would reject in several lines is caught by train.py's preflight (harness/preflight.py)
+    """What Hydra would reject in several lines is caught by train.py's preflight (harness/config/preflight.py)
     before Hydra creates the run directory."""
     run_dir = tmp_path / "run"
     proc = run_train(run_dir, *FAST, override, check=False)
@@ -81,7 +81,7 @@ def test_composition_error_is_one_line_naming_the_key(kjv_dir, tmp_path, overrid
 
 
 @pytest.mark.parametrize("override, prefix", [
-    # the optimizer node is typed by its own spec (harness/config.py build_optimizer_spec), so a wrong type
+    # the optimizer node is typed by its own spec (harness/config/schema.py build_optimizer_spec), so a wrong type
     # there is caught by train.py, not by Hydra
     ("optimizer.lr=fast", "error: optimizer.lr: Value 'fast'"),
     ("train.max_steps=-1", "error: train.max_steps: must be > 0 (got -1)"),
@@ -197,8 +197,8 @@ def finished_run(kjv_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("overrides, prefix", [
     pytest.param([], "already holds summary.json", id="plain"),
-    # a benchmark re-run (scripts/bench.py passes train.skip_complete=true) must not mix workloads
-    pytest.param(["train.skip_complete=true"], "holds a complete run of another workload", id="skip_complete"),
+    # a benchmark re-run (bench/launch.py passes train.on_complete=skip) must not mix workloads
+    pytest.param(["train.on_complete=skip"], "holds a complete run of another workload", id="on_complete_skip"),
 ])
 def test_run_dir_of_another_workload_is_refused(finished_run, overrides, prefix):
     parent = finished_run.parent

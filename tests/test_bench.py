@@ -15,7 +15,7 @@ from bench.declaration import Axis, BenchError, load_bench, seed_pair
 from bench.plan import branch_runs, cooldown_start, seed_runs, trial_config
 from bench.run import _tune_run, certificate_runs
 from bench.search import certificate_points, coordinate_rounds, qmc_points, setting_id
-from harness.config import register_configs
+from harness.config.schema import register_configs
 
 LR = {"default": 3.0e-3, "low": 1.0e-4, "high": 3.0e-2, "step": 3.1623, "source": "test"}
 WD = {"default": 0.1, "low": 0.01, "high": 1.0, "step": 3.1623, "source": "test"}

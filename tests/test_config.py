@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from harness.config import ConfigError, register_configs, validate
-from harness.run import to_typed
+from harness.config.schema import ConfigError, register_configs, to_typed
+from harness.config.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
 register_configs()

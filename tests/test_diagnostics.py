@@ -1,4 +1,4 @@
-"""Diagnostics (harness/diagnostics.py): every spectral statistic against closed forms on synthetic matrices,
+"""Diagnostics (harness/probes/diagnostics.py): every spectral statistic against closed forms on synthetic matrices,
 the curvature probes against the exact Hessian of a tiny model (torch.autograd.functional.hessian), and
 training with diagnostics on bit-identical (CPU) to training with them off, including across a resume."""
 
@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, read_jsonl, run_train
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harness.diagnostics import (
+from harness.probes.diagnostics import (
     HVP,
     Diagnostics,
     DiagnosticsConfig,

@@ -75,7 +75,7 @@ def test_dry_run_plans_every_step_and_every_optimizer(tmp_path):
     (["--only", "fsdp,torchrun", "--extra", "optimizer.lr=0"],
      "error: torchrun[train]: optimizer.lr: must be > 0 (got 0.0)"),
     (["--only", "perf", "--perf-optimizers", "muon,bogus"],
-     f"error: perf: --perf-optimizers: bogus (scripts/perf.py knows {', '.join(perf.OPTIMIZERS)})"),
+     f"error: perf: --perf-optimizers: bogus (scripts/perf.py knows {', '.join(perf.optimizer_names())})"),
 ])
 def test_dry_run_names_the_first_broken_command(tmp_path, args, first_error):
     proc = gpu_check("--dry-run", "--out", str(tmp_path), *args)

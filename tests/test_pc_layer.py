@@ -16,7 +16,7 @@ from conftest import logits_tol, read_jsonl, run_train
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from harness.config import build_optimizer_spec
+from harness.config.validate import build_optimizer_spec
 from models import ROLE_GROUP, ModelConfig, build_model
 from models.hf import to_hf
 from models.pc import PC_COEFFS, PCLinear, merge_pc, pc_layers, pc_polynomial

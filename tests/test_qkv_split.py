@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from harness.config import ConfigError, build_optimizer_spec
+from harness.config.schema import ConfigError
+from harness.config.validate import build_optimizer_spec
 from models import ROLE_GROUP, ModelConfig, build_model
 from optimizers import ortho
 from optimizers.groups import matrix_group, row_blocks, split_parameters

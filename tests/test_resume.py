@@ -1,4 +1,4 @@
-"""Checkpoint and resume (harness/checkpoint.py): a run killed with SIGKILL and relaunched with the same
+"""Checkpoint and resume (harness/lifecycle/checkpoint.py): a run killed with SIGKILL and relaunched with the same
 command ends with metrics.jsonl bit-identical (CPU) to an uninterrupted run, for every optimizer in
 conf/optimizer/ (and the PC layer); damaged, foreign and incompatible checkpoints are refused in one line
 with nothing touched; a killed benchmark re-run completes only what is missing."""
@@ -20,8 +20,8 @@ import yaml
 from conftest import REPO, read_jsonl
 
 from bench.records import load_runs
-from harness.checkpoint import checkpoints, config_changes
-from harness.run import divergence
+from harness.lifecycle.checkpoint import checkpoints, config_changes
+from harness.loop.state import LoopState
 
 OPTIMIZERS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml"))
 # Short intervals so that every optimizer's periodic machinery (Newton-Muon's statistics and K^-1, SOAP's
@@ -174,7 +174,7 @@ def test_damaged_checkpoint_in_a_benchmark_is_moved_aside_and_rerun(killed_run, 
     run_dir = tmp_path / "run"
     shutil.copytree(killed_run, run_dir)
     _corrupt_newest(run_dir, "truncated")
-    proc = run(train_cmd(run_dir, "optimizer=adamw", "train.skip_complete=true"))
+    proc = run(train_cmd(run_dir, "optimizer=adamw", "train.on_broken=move_aside"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "unreadable checkpoint" in proc.stdout and "moved to" in proc.stdout
     (aside,) = tmp_path.glob("run.broken-*")
@@ -193,12 +193,28 @@ def test_runtime_keys_may_change_on_resume():
 # ---- divergence ---------------------------------------------------------------------------------------
 
 def test_divergence_watch():
-    loop = {"blowup": math.inf, "over": 0}
-    assert divergence(loop, 4.0, 1.5, 3) is None and loop["blowup"] == 6.0  # first loss sets the start
-    assert [divergence(loop, x, 1.5, 3) for x in (7.0, 7.0, 5.0, 7.0, 7.0)] == [None] * 5  # spikes reset
-    assert "for 3 consecutive steps (last 9.000)" in divergence(loop, 9.0, 1.5, 3)
-    assert divergence({"blowup": 6.0, "over": 0}, float("nan"), 1.5, 3) == "non-finite training loss (nan)"
-    assert divergence({"blowup": 6.0, "over": 0}, float("inf"), 1.5, 3) == "non-finite training loss (inf)"
+    cpu = torch.device("cpu")
+    state = LoopState(cpu)
+    assert state.watch(4.0, 1.5, 3) is None and state.blowup == 6.0  # first loss sets the start
+    assert [state.watch(x, 1.5, 3) for x in (7.0, 7.0, 5.0, 7.0, 7.0)] == [None] * 5  # spikes reset
+    assert "for 3 consecutive steps (last 9.000)" in state.watch(9.0, 1.5, 3)
+    assert LoopState(cpu, blowup=6.0).watch(float("nan"), 1.5, 3) == "non-finite training loss (nan)"
+    assert LoopState(cpu, blowup=6.0).watch(float("inf"), 1.5, 3) == "non-finite training loss (inf)"
+
+
+def test_loop_state_round_trips_and_clocks_pause():
+    state = LoopState(torch.device("cpu"), blowup=6.0, over=2, opt_flops=123)
+    state.train.resume()
+    time.sleep(0.02)
+    with state.train.paused():
+        time.sleep(0.3)  # not charged to the training clock
+    state.train.pause()
+    assert 0.02 <= state.train.seconds < 0.3
+    saved = state.state_dict()
+    assert set(saved) == {"train_time", "opt_time", "opt_flops", "blowup", "over", "diag_time"}  # checkpoint keys
+    again = LoopState(torch.device("cpu"))
+    again.load_state_dict(7, saved)
+    assert (again.step, again.state_dict()) == (7, saved)
 
 
 # ---- a benchmark killed midway ------------------------------------------------------------------------

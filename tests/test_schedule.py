@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from harness.config import ScheduleConfig, TrainConfig
-from harness.schedule import eval_steps, lr_factor
+from harness.config.schema import TrainConfig
+from harness.loop.schedule import ScheduleConfig, eval_steps, lr_factor
 
 
 def factors(n, **kw):

@@ -65,7 +65,7 @@ def run_dir_error(run_dir: str) -> str | None:
     if not probe.is_dir():
         return f"hydra.run.dir: cannot create {path}: {probe} is a file, not a directory"
     if probe == path:
-        return None  # exists: its writability is checked with the run's other records (harness/run.py)
+        return None  # exists: its writability is checked with the run's other records (harness/lifecycle/prepare.py)
     try:
         os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".optbench-probe-"))
     except OSError as e:

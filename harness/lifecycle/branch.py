@@ -23,10 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import checkpoint
-from harness.checkpoint import CheckpointError
-from harness.config import Config, ConfigError
-from harness.schedule import lr_factor
+from harness.config.schema import Config, ConfigError
+from harness.lifecycle import checkpoint
+from harness.lifecycle.checkpoint import CheckpointError
+from harness.loop.schedule import lr_factor
 
 # What a branch may change with respect to its parent: the budget, checkpointing, how it is watched and logged,
 # and where it is written (hydra's keys are not in the resolved config; `name` labels the run directory).
@@ -63,7 +63,7 @@ def load_parent(cfg: Config, run_dir: Path) -> tuple[Path, dict[str, Any]]:
 def check_parent(path: Path, payload: dict[str, Any], cfg: Config, resolved: dict[str, Any],
                  hash_of: Callable[[Config], str]) -> dict[str, Any]:
     """Refuse a parent this run cannot branch from; return the branch's record (summary.json, env.json).
-    `hash_of(cfg)` is the workload hash of a config (harness.run.workload_of on this run's data)."""
+    `hash_of(cfg)` is the workload hash of a config (harness.lifecycle.prepare.workload_of on this run's data)."""
     changes = checkpoint.config_changes(payload["config"], resolved, ignore=BRANCH_KEYS)
     if changes:
         more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""

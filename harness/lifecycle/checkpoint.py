@@ -2,7 +2,7 @@
 
 A checkpoint (RUN_DIR/checkpoints/step_<step>.pt, every train.ckpt_every steps) holds the model's state
 (PC layers' power-iteration vectors included: they are buffers), the optimizer's state (every member of a
-Hybrid, Newton-Muon's input statistics and K^-1, NorMuon's second moments, ...), the loop's own state
+CombinedOptimizer, Newton-Muon's input statistics and K^-1, NorMuon's second moments, ...), the loop's own state
 (step, accumulated training and optimizer time, the divergence watch), the RNG states, the metrics lines
 written so far, the W&B run id, the workload hash, the resolved config and the code version. The data
 position is the step itself: batches are a pure function of (data.seed, step, micro-batch).
@@ -17,7 +17,7 @@ It is refused, with one line naming the file and the problem, when the checkpoin
 hyperparameter); the run directory is left as it is.
 
 Checkpoints after the steps listed in train.ckpt_steps are pinned: never rotated away, never deleted when the
-run completes. A cooldown branch (train.branch_from, harness/branch.py) starts from one of them.
+run completes. A cooldown branch (train.branch_from, harness/lifecycle/branch.py) starts from one of them.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 # Config keys that may differ between the interrupted launch and the resuming one: they change how the run
 # is watched or where it runs, never what it computes.
-RUNTIME_KEYS = ("train.progress", "train.threads", "train.skip_complete", "train.ckpt_every", "train.ckpt_keep",
+RUNTIME_KEYS = ("train.progress", "train.threads", "train.on_complete", "train.on_broken", "train.on_crash", "train.ckpt_every", "train.ckpt_keep",
                 "train.ckpt_keep_final", "train.ckpt_steps", "train.resume", "train.save_final", "wandb", "diagnostics")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from runtime.files import atomic_write_text
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LIBRARIES = ("torch", "numpy", "transformers", "datasets", "tokenizers", "hydra-core", "omegaconf", "wandb",
              "accelerate")
 
@@ -109,6 +109,12 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(line + "\n" for line in self.lines))
 
 
+def state_bytes(optimizer) -> int:
+    """Measured bytes of every tensor in the optimizer's state (protocol.md: state memory vs AdamW's)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if hasattr(v, "element_size"))
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -119,7 +125,8 @@ def summarize(records: list[dict[str, Any]], target_loss: float | None, tokens_p
 
     Steps to target = the first evaluation step whose val loss <= target (no interpolation); tokens = steps x
     tokens/step; training time = the accumulated training clock (evaluation excluded) at that step; FLOPs =
-    tokens x model FLOPs/token (optimizer FLOPs are not yet charged). All None when not reached.
+    tokens x `flops_per_token`, the run's charged FLOPs per token (the model's and the optimizer's matmuls per
+    step over the tokens per step). All None when not reached.
     """
     evals = [r for r in records if "val_loss" in r]
     finite = [r["val_loss"] for r in evals if math.isfinite(r["val_loss"])]

@@ -6,7 +6,7 @@ schedule config), and the evaluation steps depend only on the workload, never on
     >>> lr_factor(0, 100, ScheduleConfig(name="cosine", warmup_frac=0.1))
     0.1
 
-This module depends on nothing else of the harness (harness/config.py imports ScheduleConfig from here).
+This module depends on nothing else of the harness (harness/config/schema.py imports ScheduleConfig from here).
 """
 
 from __future__ import annotations
