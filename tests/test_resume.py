@@ -29,9 +29,10 @@ OPTIMIZERS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml")
 EXTRA = {"newton_muon": ["optimizer.refresh_every=3"], "soap": ["optimizer.precondition_frequency=3"]}
 # Lion (one moment) and NorMuon (Muon + one second-moment vector per row) add no state kinds the other cases
 # lack; plain AdamW's state is the AdamW+PC case's and every hybrid's; Adam-mini's per-block v has its own
-# round-trip test (test_adam_mini.py); SOAP is an optional arm: all five slow-marked to keep the default suite
-# under 15 minutes on the slower CI machines (`make test-all` runs them).
-SLOW = {"lion", "normuon", "adamw", "soap", "adam_mini"}
+# round-trip test (test_adam_mini.py); SOAP is an optional arm; PolarGrad's state is Muon's momentum plus the
+# lr calibration in its param groups (round trip in test_polargrad.py): all six slow-marked to keep the default
+# suite under 15 minutes on the slower CI machines (`make test-all` runs them).
+SLOW = {"lion", "normuon", "adamw", "soap", "adam_mini", "polargrad"}
 BASE = [(o, ["model=llama_tiny", *EXTRA.get(o, [])]) for o in OPTIMIZERS] + [
     ("adamw", ["model=gpt2_tiny", "model.pc_level=2"])]  # PC layer: power-iteration vectors in the checkpoint
 CASES = [pytest.param(o, x, id=f"{o}{'+pc' if 'model.pc_level=2' in x else ''}",
