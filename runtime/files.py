@@ -11,10 +11,13 @@ from typing import Any
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and os.replace, so readers never see half a file."""
+    """Write via a temporary file in the same directory and os.replace, so readers never see half a file. The
+    file gets the mode a plain open() would give it (0666 less the umask: 0644 by default), not mkstemp's 0600,
+    so a team on shared storage can read each other's records."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -23,6 +26,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def finite_or_none(obj: Any) -> Any:

@@ -89,6 +89,19 @@ def test_value_errors_name_the_key(overrides, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("+train.max_stepz=10", "train.max_stepz: not a key of TrainConfig; nothing would read it (did you mean "
+                            "train.max_steps?)"),
+    ("+model.n_layr=2", "model.n_layr: not a key of ModelConfig; nothing would read it (did you mean model.n_layer?)"),
+    ("+hybrid.lrr=0.1", "hybrid.lrr: not a key of SharedGroup; nothing would read it (did you mean hybrid.lr?)"),
+    ("+zzz=1", "zzz: not a key of Config; nothing would read it"),
+])
+def test_the_schema_is_closed_to_added_keys(override, message):
+    with pytest.raises(ConfigError) as e:
+        to_typed(compose_cfg(override))
+    assert str(e.value) == message
+
+
 def test_optimizer_spec_is_typed():
     spec = check("optimizer.lr=1e-3", "optimizer.betas=[0.8,0.99]")
     assert spec.lr == 1e-3 and list(spec.betas) == [0.8, 0.99]

@@ -3,7 +3,7 @@
 `python train.py ...` composes its overrides here first (Hydra's compose API, the same config tree), so an
 unknown key, an unknown group option, a value of the wrong type or an unparsable override prints
 
-    error: train.max_stepz: Key 'max_stepz' not in 'TrainConfig' (a new key needs +train.max_stepz=3)
+    error: train.max_stepz: Key 'max_stepz' not in 'TrainConfig' (did you mean train.max_steps?)
     error: optimizer=adamz: no conf/optimizer/adamz.yaml (options: adam_mini, adamw, lion, ...)
 
 and exits 2 before Hydra creates any directory. A run directory that cannot be created (under a regular
@@ -13,9 +13,13 @@ flags (-m, --cfg, --help, ...) skip this and keep Hydra's behaviour.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import tempfile
+import typing
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
@@ -24,6 +28,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 def _first_line(e: BaseException) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), e.__class__.__name__)
+
+
+def schema_fields(path: str) -> list[str]:
+    """The field names of the config dataclass at the dotted `path` of `Config` ("" = the root; [] where the
+    path leads to no dataclass, e.g. under `optimizer`, which its own spec types)."""
+    from harness.config.schema import Config
+
+    node: Any = Config
+    for part in [p for p in path.split(".") if p]:
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        node = hints.get(part)
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
 def composition_error(config_dir: Path, overrides: list[str]) -> tuple[str | None, str | None]:
@@ -46,9 +62,10 @@ def composition_error(config_dir: Path, overrides: list[str]) -> tuple[str | Non
         cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
         key = getattr(cause, "full_key", None)
         text = _first_line(cause)
-        if key and "not in" in text:
-            given = next((o for o in overrides if o.split("=", 1)[0] == key), None)
-            hint = f" (a new key needs +{given})" if given else ""
+        if key and "not in" in text:  # the schema is closed: say which key was meant
+            parent, _, name = key.rpartition(".")
+            close = difflib.get_close_matches(name, schema_fields(parent), n=1)
+            hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
             return f"{key}: {text}{hint}", None
         return (f"{key}: {text}" if key else f"{_first_line(e)}: {text}" if cause is not e else text), None
     return None, run_dir

@@ -8,6 +8,8 @@ so an unknown key or a wrong type fails at composition with the dotted key in th
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,8 +136,29 @@ def register_configs() -> None:
 
 
 def to_typed(dcfg: DictConfig) -> Config:
-    """The composed config as a `Config` object; a type or key problem is a one-line ConfigError."""
+    """The composed config as a `Config` object; a type or key problem is a one-line ConfigError. The schema is
+    closed: a key Hydra let in with `+` (`+train.max_stepz=10`) that no field declares is refused too."""
     try:
-        return OmegaConf.to_object(dcfg)
+        cfg = OmegaConf.to_object(dcfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
+    problem = unknown_key(cfg)
+    if problem:
+        raise ConfigError(problem)
+    return cfg
+
+
+def unknown_key(obj: Any, prefix: str = "") -> str | None:
+    """The first attribute of a config dataclass (or of one nested in it) that is not one of its fields, as a
+    one-line problem with the closest field's name; None when every key is declared."""
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in vars(obj).items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            return f"{prefix}{key}: not a key of {type(obj).__name__}; nothing would read it{hint}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            problem = unknown_key(value, f"{prefix}{key}.")
+            if problem:
+                return problem
+    return None
