@@ -148,6 +148,10 @@ def test_wandb_offline_logs_and_failure_keeps_local_records(kjv_dir, tmp_path, m
     proc = run_train(tmp_path / "off", "wandb.enabled=true", "wandb.mode=offline")
     runs = list((tmp_path / "off" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0, proc.stdout[-2000:]
+    # quiet offline: one line saying where the run went (wandb itself prints ~30)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    said = [line for line in lines if line.startswith(("wandb:", "W&B"))]
+    assert said == [f"W&B offline run: `wandb sync {runs[0].parent}` uploads it"], said
     # online without credentials: W&B refuses; the run goes on with a warning and complete local records
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     proc = run_train(tmp_path / "on", "wandb.enabled=true", "wandb.mode=online")

@@ -15,6 +15,7 @@ import json
 import netrc
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -156,10 +157,15 @@ def init_wandb(run: PreparedRun, optimizer: str | None, run_id: str | None = Non
             mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
         name = f"{b.arm}/{b.trial}/s{run.cfg.seed}" if b.arm else run.cfg.name
         tags = [*w.tags, *(t for t in (b.phase, optimizer) if t)]
-        return wandb.init(project=w.project, entity=w.entity, mode=mode, group=w.group or b.name or run.cfg.experiment,
-                          job_type=w.job_type or b.arm or optimizer, tags=tags, name=name, dir=str(run.run_dir),
-                          config=run.resolved, id=run_id, resume="allow" if run_id else None,
-                          settings=wandb.Settings(init_timeout=w.init_timeout))
+        offline = mode == "offline"  # quiet: one line saying where the run went, not wandb's ~30
+        wandb_run = wandb.init(project=w.project, entity=w.entity, mode=mode,
+                               group=w.group or b.name or run.cfg.experiment, job_type=w.job_type or b.arm or optimizer,
+                               tags=tags, name=name, dir=str(run.run_dir), config=run.resolved, id=run_id,
+                               resume="allow" if run_id else None,
+                               settings=wandb.Settings(init_timeout=w.init_timeout, silent=offline))
+        if offline:
+            print(f"W&B offline run: `wandb sync {Path(wandb_run.dir).parent}` uploads it", flush=True)
+        return wandb_run
     except Exception as e:  # noqa: BLE001 - a logging backend must never stop a run
         print(f"warning: W&B disabled for this run ({_one_line(e)}); local records only", file=sys.stderr)
         return None
