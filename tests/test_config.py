@@ -90,8 +90,8 @@ def test_value_errors_name_the_key(overrides, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("+train.max_stepz=10", "train.max_stepz: not a key of TrainConfig; nothing would read it (did you mean "
-                            "train.max_steps?)"),
+    ("+train.max_stepz=10", ("train.max_stepz: not a key of TrainConfig; nothing would read it (did you mean "
+                             "train.max_steps?)")),
     ("+model.n_layr=2", "model.n_layr: not a key of ModelConfig; nothing would read it (did you mean model.n_layer?)"),
     ("+hybrid.lrr=0.1", "hybrid.lrr: not a key of SharedGroup; nothing would read it (did you mean hybrid.lr?)"),
     ("+zzz=1", "zzz: not a key of Config; nothing would read it"),
