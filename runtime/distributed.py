@@ -142,9 +142,27 @@ def requested_processes(pid: int | None = None) -> int | None:
     return None
 
 
+def launcher_numerics() -> str | None:
+    """Why this launch must not start: an accelerate launcher setting that would change the numerics behind the
+    harness's back (its model wrapper autocasts or compiles the forward while the records say otherwise), or None.
+    Precision is train.precision's and compilation train.compile's, recorded in env.json and summary.json."""
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision.lower() != "no":
+        return (f"accelerate launch --mixed_precision {precision}: the harness sets precision itself and records it; "
+                "launch without --mixed_precision and set train.precision=bf16 (or fp32)")
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "NO")
+    if backend.upper() != "NO":
+        return (f"accelerate launch --dynamo_backend {backend}: the harness compiles (or not) itself and records it; "
+                "launch without --dynamo_backend and set train.compile=true")
+    return None
+
+
 def init(device: str, parallel: str = "ddp") -> tuple[torch.device, Dist]:
     """The device and process layout of this run. With WORLD_SIZE > 1, accelerate initialises the process
     group (gloo on CPU, nccl on CUDA) and picks this rank's device."""
+    problem = launcher_numerics()
+    if problem:
+        raise LaunchError(problem)
     ws = world_size()
     if ws == 1 and parallel == "fsdp":
         raise LaunchError("train.parallel=fsdp needs several processes (WORLD_SIZE is 1): launch with torchrun or "

@@ -203,6 +203,33 @@ def test_accelerate_cpu_launch_of_one_process_is_refused(kjv_dir, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_accelerate_mixed_precision_is_refused_not_silently_applied(kjv_dir, tmp_path):
+    """accelerate's --mixed_precision would autocast the forward through its model wrapper while the records
+    say fp32: refused in one line before any compute (train.precision is the harness's setting)."""
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                           "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", "train.py",
+                           *SMOKE, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0  # train.py exits 2; the launcher reports it as its own failure
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith("error: accelerate launch --mixed_precision bf16: the harness sets precision itself")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("ACCELERATE_MIXED_PRECISION", "fp16", "accelerate launch --mixed_precision fp16: the harness sets precision"),
+    ("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR", "accelerate launch --dynamo_backend INDUCTOR: the harness compiles"),
+])
+def test_launcher_settings_that_change_numerics_are_refused(monkeypatch, variable, value, message):
+    from runtime.distributed import LaunchError, init
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(LaunchError, match=message):
+        init("cpu")
+    monkeypatch.setenv(variable, "no" if variable.endswith("PRECISION") else "NO")  # accelerate's defaults pass
+    assert init("cpu")[0].type == "cpu"
+
+
 FSDP = ["hydra.run.dir={d}", "train.parallel=fsdp", "train.ckpt_every=0"]
 
 
