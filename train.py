@@ -219,7 +219,9 @@ def finish(run: PreparedRun, state: LoopState, recorder: Recorder, failure: str 
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(dcfg: DictConfig) -> None:
+def main(dcfg: DictConfig) -> float | None:
+    """The end-of-schedule validation loss (inf for a diverged run): what a Hydra sweeper (hydra/sweeper=optuna)
+    minimizes; None on ranks other than 0."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -231,8 +233,12 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     if isinstance(run, CompleteRun):
         print(f"skip: {run_dir} holds a complete run (final val loss {run.summary.get('final_val_loss')})", flush=True)
-        return
-    train(run, hydra_cfg.runtime.choices.get("optimizer"), tuple(hydra_cfg.overrides.task))
+        return end_loss(run.summary)
+    return end_loss(train(run, hydra_cfg.runtime.choices.get("optimizer"), tuple(hydra_cfg.overrides.task)))
+
+
+def end_loss(s: dict) -> float | None:
+    return None if not s else math.inf if s["diverged"] or s["final_val_loss"] is None else s["final_val_loss"]
 
 
 if __name__ == "__main__":
