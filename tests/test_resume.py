@@ -35,8 +35,9 @@ EXTRA = {"newton_muon": ["optimizer.refresh_every=3"], "soap": ["optimizer.preco
 SLOW = {"lion", "normuon", "adamw", "soap", "adam_mini", "polargrad"}
 BASE = [(o, ["model=llama_tiny", *EXTRA.get(o, [])]) for o in OPTIMIZERS] + [
     ("adamw", ["model=gpt2_tiny", "model.pc_level=2"])]  # PC layer: power-iteration vectors in the checkpoint
-CASES = [pytest.param(o, x, id=f"{o}{'+pc' if 'model.pc_level=2' in x else ''}",
-                      marks=[pytest.mark.slow] if o in SLOW and "model.pc_level=2" not in x else [])
+# AdamW+PC (the PC layers' u, v buffers: in the model's state_dict, tests/test_pc_layer.py) slow-marked too.
+CASES = [pytest.param(o, x, id=f"{o}{'+pc' if 'model.pc_level=2' in x else ''}", marks=[pytest.mark.slow] if o in SLOW
+                      or "model.pc_level=2" in x else [])
          for o, x in BASE]
 KILL_AT, CKPT_EVERY = 7, 3  # killed after step 7; the newest checkpoint is step 6's (steps 7.. are redone)
 
