@@ -33,7 +33,7 @@ from harness.config.schema import ConfigError, register_configs
 from harness.lifecycle import checkpoint
 from harness.lifecycle.checkpoint import CheckpointError
 from harness.lifecycle.prepare import CompleteRun, PreparedRun, SetupError, prepare_run
-from harness.lifecycle.recorder import Recorder, run_summary
+from harness.lifecycle.recorder import Recorder, end_loss, run_summary
 from harness.loop.schedule import lr_factor
 from harness.loop.state import LoopState
 from harness.probes.diagnostics import flat_for_wandb
@@ -212,7 +212,9 @@ def finish(run: PreparedRun, state: LoopState, recorder: Recorder, failure: str 
         checkpoint.remove_all(run.run_dir, pinned=t.ckpt_steps)
     run.lock.release(remove=True)
     status = f"DIVERGED at step {state.step}: {failure}" if failure else f"{state.step} steps"
-    print(f"done: {status}, final val loss {summary['final_val_loss']}, {summary['tokens_per_s'] or 0:,.0f} tokens/s, "
+    final = summary["final_val_loss"]
+    print(f"done: {status}, final val loss {'none' if final is None else f'{final:.4f}'}, "
+          f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, "
           f"MFU {summary['mfu_vs_measured_matmul'] or 0:.1%} of measured matmul rate, records in {run.run_dir}",
           flush=True)
     return summary
@@ -235,10 +237,6 @@ def main(dcfg: DictConfig) -> float | None:
         print(f"skip: {run_dir} holds a complete run (final val loss {run.summary.get('final_val_loss')})", flush=True)
         return end_loss(run.summary)
     return end_loss(train(run, hydra_cfg.runtime.choices.get("optimizer"), tuple(hydra_cfg.overrides.task)))
-
-
-def end_loss(s: dict) -> float | None:
-    return None if not s else math.inf if s["diverged"] or s["final_val_loss"] is None else s["final_val_loss"]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from harness.config.schema import ConfigError, register_configs, to_typed
 from harness.config.validate import validate
 from harness.lifecycle.prepare import CompleteRun, PreparedRun, prepare_run
-from train import end_loss, train
+from harness.lifecycle.recorder import end_loss
+from train import train
 
 FAST = ("optimizer=adamw", "train.max_steps=4", "train.eval_every=2", "train.threads=1")
 # tests/ is on sys.path (pytest's rootdir-relative imports), so the spec is importable in this process

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import netrc
 import os
 import sys
@@ -187,3 +188,11 @@ def _netrc_has_wandb() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (OSError, netrc.NetrcParseError):
         return False
+
+
+def end_loss(summary: dict) -> float | None:
+    """What train.py's Hydra main returns for a sweeper to minimize: the end-of-schedule validation loss, inf
+    for a diverged or unscored run, None where there is no summary (ranks other than 0)."""
+    if not summary:
+        return None
+    return math.inf if summary["diverged"] or summary["final_val_loss"] is None else summary["final_val_loss"]
