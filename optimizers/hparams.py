@@ -16,6 +16,7 @@ param_group=False: then the optimizer reads it from `self.spec`, or only the spe
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,8 @@ class Knob:
         """Why `value` is refused, as the text after "<key>: ", or None if it is accepted."""
         if value is None and self.nullable:
             return None
+        if isinstance(value, float) and math.isinf(value):  # inf passes a lower bound, yet means nothing
+            return f"must be a finite number (got {value})"
         within = ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
                   and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
         if not within:  # NaN too

@@ -66,8 +66,6 @@ def assert_refused(proc, run_dir, prefix: str, *words: str) -> None:
     ("train.max_stepz=3", ("error: train.max_stepz: Key 'max_stepz' not in 'TrainConfig' (did you mean "
                           "train.max_steps?)")),
     ("optimizer=adamz", "error: optimizer=adamz: no conf/optimizer/adamz.yaml (options: adam_mini, adamw"),
-    ("model=gpt9", "error: model=gpt9: no conf/model/gpt9.yaml (options: gpt2_124m"),
-    ("train.max_steps=abc", "error: train.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
     ("train.max_steps=[1", "error: cannot parse the override 'train.max_steps=[1'"),
 ])
 def test_composition_error_is_one_line_naming_the_key(kjv_dir, tmp_path, override, prefix):
@@ -80,16 +78,15 @@ def test_composition_error_is_one_line_naming_the_key(kjv_dir, tmp_path, overrid
     assert not run_dir.exists()
 
 
+# The full table of refused overrides (58) runs in-process through the same path in tests/test_refusals.py; these
+# launches check the command line's side: one stderr line, exit 2, no traceback, no directory left.
 @pytest.mark.parametrize("override, prefix", [
-    # the optimizer node is typed by its own spec (harness/config/schema.py build_optimizer_spec), so a wrong type
+    # the optimizer node is typed by its own spec (harness/config/validate.py build_optimizer_spec), so a wrong type
     # there is caught by train.py, not by Hydra
     ("optimizer.lr=fast", "error: optimizer.lr: Value 'fast'"),
-    ("train.max_steps=-1", "error: train.max_steps: must be > 0 (got -1)"),
-    ("optimizer.lr=-1", "error: optimizer.lr: must be > 0"),
-    ("train.grad_clip=-1", "error: train.grad_clip: must be >= 0"),
-    ("schedule.warmup_frac=1.5", "error: schedule.warmup_frac: must be in [0, 1) (got 1.5)"),
-    ("train.precision=fp8", "error: train.precision: 'fp8'"),
-    ("train.global_batch_size=7", "error: train.global_batch_size: 7 is not divisible by train.micro_batch_size"),
+    ("optimizer.lr=inf", "error: optimizer.lr: must be a finite number (got inf)"),
+    ("+train.max_stepz=10", ("error: train.max_stepz: not a key of TrainConfig; nothing would read it (did you mean "
+                            "train.max_steps?)")),
     # the tokenizer's vocabulary (data.vocab_size = 4096) does not fit the model's embedding
     ("model.vocab_size=1000", "error: data.vocab_size: the tokenizer's 4096 tokens exceed model.vocab_size=1000"),
 ])

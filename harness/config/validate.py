@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from hydra.utils import get_class
@@ -51,8 +52,27 @@ def build_optimizer_spec(node: DictConfig | dict) -> Any:
     return spec
 
 
+def non_finite(value: Any, key: str = "") -> tuple[str, float] | None:
+    """(dotted key, value) of the first NaN or infinite float in `value` (a config dataclass, dict or list,
+    walked in order), or None. No setting of a run means anything at inf or NaN (optimizer.lr=inf would
+    diverge at step 2)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key, value)
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = non_finite(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
 def validate(cfg: Config) -> Any:
     """Check values and cross-field constraints; return the optimizer spec. Raises ConfigError."""
+    bad = non_finite(cfg)
+    if bad:
+        raise ConfigError(f"{bad[0]}: must be a finite number (got {bad[1]})")
     for section in (cfg.model, cfg.data):
         try:
             section.validate()
