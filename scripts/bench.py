@@ -23,17 +23,31 @@ from bench.records import RecordError
 from bench.run import run_benchmark
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bench", help="a conf/bench/<name>.yaml name, or a path to a bench YAML")
-    p.add_argument("--out", type=Path, help="benchmark directory (default results/bench_<name>)")
-    p.add_argument("--launcher", choices=LAUNCHERS)
-    p.add_argument("--jobs", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--logger", choices=("wandb", "none"))
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scripts/bench.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__,
+        epilog="A benchmark is resumable: run the same command again and finished runs are skipped (their records "
+               "kept), interrupted ones resume from their last checkpoint. Exit status 2: the declaration or the "
+               "records were refused (one line on stderr), nothing was run or overwritten.")
+    p.add_argument("bench", help="a conf/bench/<name>.yaml name (see conf/bench/), or a path to a bench YAML")
+    p.add_argument("--out", type=Path, help="benchmark directory (default results/bench_<name>/): the plan, "
+                   "every run's records, report.md/.html and summary.json")
+    p.add_argument("--launcher", choices=LAUNCHERS, help="how runs are launched (default: the declaration's "
+                   "launcher): basic = one after another on this machine, joblib = --jobs in parallel "
+                   "here, slurm = submitit jobs through conf/hydra/launcher/slurm.yaml")
+    p.add_argument("--jobs", type=int, help="parallel runs (joblib/slurm; default: the declaration's jobs)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: the declaration's; 0 = torch's "
+                   "default); parallel CPU runs want cores / jobs")
+    p.add_argument("--logger", choices=("wandb", "none"), help="per-run logging (default: the declaration's; wandb "
+                   "runs offline without an API key)")
     p.add_argument("--dry-run", action="store_true", help="check the declaration, list the first runs, run nothing")
-    p.add_argument("--no-report", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--no-report", action="store_true", help="run, but do not build the report (scripts/report.py "
+                   "builds it later from the records)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         b = load_bench(args.bench, launcher=args.launcher, jobs=args.jobs, threads=args.threads, logger=args.logger)
         out = args.out or REPO / "results" / f"bench_{b.name}"

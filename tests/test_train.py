@@ -67,6 +67,8 @@ def test_run_writes_self_describing_records(smoke_run):
     assert set(env["code"]) == {"commit", "dirty", "diff_sha256"}
     assert env["workload_hash"] == summary["workload_hash"]
     assert "model" in proc.stdout and "param groups" in proc.stdout
+    (done,) = [line for line in proc.stdout.splitlines() if line.startswith("done: ")]
+    assert f"final val loss {summary['final_val_loss']:.4f}, " in done  # 4 decimals, the recorded value rounded
 
     state = torch.load(run_dir / "model_final.pt", weights_only=True)
     assert state["model_config"]["family"] == "gpt2" and "state_dict" in state
