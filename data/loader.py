@@ -43,15 +43,19 @@ class TokenData:
         # Fail before any training starts: no shards, or any shard with a bad header or size.
         self.train_files = self._find(cfg.train_pattern)
         self.val_files = self._find(cfg.val_pattern)
-        self.train = [open_shard(f) for f in self.train_files]
-        self.val = [open_shard(f) for f in self.val_files]
+        try:
+            self.train = [open_shard(f) for f in self.train_files]
+            self.val = [open_shard(f) for f in self.val_files]
+        except DataError as e:
+            raise DataError(f"{e}; rebuild the data with: {self.prepare_hint()}") from None
         self.meta = self._read_meta()
 
         # Windows per train shard; a shard shorter than seq_len + 1 tokens contributes none.
         self.windows_per_shard = np.array([max(len(t) - 1, 0) // seq_len for t in self.train])
         self.windows_per_epoch = int(self.windows_per_shard.sum())
         if self.windows_per_epoch == 0:
-            raise DataError(f"{self.dir}: no train shard holds seq_len + 1 = {seq_len + 1} tokens")
+            raise DataError(f"{self.dir}: no train shard holds seq_len + 1 = {seq_len + 1} tokens; build more "
+                            f"training data with: {self.prepare_hint()}")
         # Permutations are rebuilt on demand from (seed, epoch[, shard]); the cache holds a batch's worth
         # (the current epoch and, at a rollover, the next), one int64 array per shard.
         self._shard_order = functools.lru_cache(maxsize=2)(self._make_shard_order)
@@ -63,7 +67,8 @@ class TokenData:
             raise ValueError(f"data.val_tokens: {cfg.val_tokens} is shorter than one window (seq_len {seq_len})")
         if available < cfg.val_tokens + 1:
             raise DataError(f"{self.dir}: data.val_tokens = {cfg.val_tokens} needs {cfg.val_tokens + 1} tokens "
-                            f"(the last target) but {cfg.val_pattern} holds only {available}")
+                            f"(the last target) but {cfg.val_pattern} holds only {available}; lower "
+                            f"data.val_tokens below {available}{self._or_build(val_tokens=cfg.val_tokens + 1)}")
         # The val set as one flat array: a copy of just the tokens it needs, in their stored dtype.
         need, parts = self.num_val_windows * seq_len + 1, []
         for t in self.val:
@@ -71,11 +76,35 @@ class TokenData:
             need -= len(parts[-1])
         self._val = np.concatenate(parts)
 
+    def prepare_hint(self) -> str:
+        """The command that builds this directory, for error messages: the one that built it (from its
+        meta.json), else the data config's `prepare` (how its YAML builds data.dir: KJV, FineWeb, an HF dataset)."""
+        return self._rebuild() or self.cfg.prepare.replace("{dir}", os.path.abspath(self.dir))
+
+    def _rebuild(self, **changes) -> str | None:
+        """The command that builds this directory again from its meta.json's arguments, with `changes` to them;
+        None without a data.prepare meta.json, or when its arguments lack a changed one (the KJV validation
+        split's size is the corpus's, a Hugging Face tokenizer's vocabulary its own)."""
+        from data.prepare import rebuild_command  # deferred: only an error message needs it
+
+        try:
+            with open(os.path.join(self.dir, "meta.json")) as f:
+                args = json.load(f)["args"]
+            if not set(changes) <= set(args):
+                return None
+            return rebuild_command({**args, **changes}, os.path.abspath(self.dir))
+        except (OSError, ValueError, KeyError, TypeError):  # no meta.json, or not one that data.prepare wrote
+            return None
+
+    def _or_build(self, **changes) -> str:
+        command = self._rebuild(**changes)
+        return f", or build the data for it with: {command}" if command else ""
+
     def _find(self, pattern: str) -> list[str]:
         files = sorted(glob.glob(os.path.join(self.dir, pattern)))
         if not files:
             raise DataError(f"{os.path.join(self.dir, pattern)}: no shard matches; build the data with: "
-                            f"{self.cfg.prepare}")
+                            f"{self.prepare_hint()}")
         return files
 
     def _read_meta(self) -> dict | None:
@@ -91,10 +120,12 @@ class TokenData:
             listed = [(r["file"], r["tokens"]) for r in meta[key]]
             if found != listed:
                 raise DataError(f"{path}: lists {key} (file, tokens) {listed} but the directory holds {found}; "
-                                f"re-run: {self.cfg.prepare}")
+                                f"rebuild the data with: {self.prepare_hint()}")
         if meta["tokenizer"]["vocab_size"] != self.cfg.vocab_size:
             raise DataError(f"{path}: tokenizer vocab_size {meta['tokenizer']['vocab_size']} differs from "
-                            f"data.vocab_size {self.cfg.vocab_size}")
+                            f"data.vocab_size {self.cfg.vocab_size}; set data.vocab_size="
+                            f"{meta['tokenizer']['vocab_size']} for this data"
+                            f"{self._or_build(vocab_size=self.cfg.vocab_size)}")
         return meta
 
     @property
@@ -122,7 +153,9 @@ class TokenData:
         """DataError naming the first shard that holds a token id the model has no embedding for."""
         for f, top in self.shard_max_ids:
             if top >= vocab_size:
-                raise DataError(f"{f}: holds token id {top}, outside model.vocab_size={vocab_size}")
+                raise DataError(f"{f}: holds token id {top}, outside model.vocab_size={vocab_size}; a model for "
+                                f"this data needs model.vocab_size > {top}, or rebuild the data with: "
+                                f"{self.prepare_hint()}")
 
     @property
     def num_val_tokens(self) -> int:
