@@ -7,8 +7,9 @@
 The launcher sets WORLD_SIZE / RANK / LOCAL_RANK; `init()` builds accelerate's Accelerator from them
 (`cpu=True` when there is no GPU or train.device=cpu, which makes accelerate use gloo), and the training
 loop sees a `Dist`: its rank, the world size, DDP wrapping of the model (accelerate's prepare_model), and
-the two collectives the loop needs (mean of the training loss, sum of the validation loss). Every rank reads
-its own share of each global batch (data/loader.py), so the global token order is the single-process one.
+the collectives the loop needs (mean of the training loss, sum of the validation loss, the RNG states an
+FSDP checkpoint gathers). Every rank reads its own share of each global batch (data/loader.py), so the global
+token order is the single-process one.
 
 `accelerate launch --cpu --num_processes N` starts ONE process (measured, accelerate 1.15): such a run is
 refused with the commands that do start N (see `requested_processes`), never recorded as distributed.
@@ -94,6 +95,15 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's picklable `obj` on rank 0, in rank order (None on the other ranks): e.g. the RNG states
+        a sharded checkpoint keeps (harness/lifecycle/checkpoint.py)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.is_rank0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
 
 def shutdown() -> None:

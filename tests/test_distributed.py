@@ -230,7 +230,7 @@ def test_launcher_settings_that_change_numerics_are_refused(monkeypatch, variabl
     assert init("cpu")[0].type == "cpu"
 
 
-FSDP = ["hydra.run.dir={d}", "train.parallel=fsdp", "train.ckpt_every=0"]
+FSDP = ["hydra.run.dir={d}", "train.parallel=fsdp"]
 
 
 @pytest.mark.parametrize("world, extra, message", [
@@ -240,7 +240,9 @@ FSDP = ["hydra.run.dir={d}", "train.parallel=fsdp", "train.ckpt_every=0"]
     (1, FSDP, "error: train.parallel=fsdp needs several processes (WORLD_SIZE is 1)"),
     (2, [*FSDP, "optimizer=adam_mini"], "error: optimizer: AdamMini does not run on FSDP-sharded parameters"),
     (2, [*FSDP, "model.pc_level=2"], "error: model.pc_level: PC layers are not supported with train.parallel=fsdp"),
-    (2, [*FSDP[:2]], "error: train.ckpt_every: checkpoints of train.parallel=fsdp runs are not implemented"),
+    # FSDP checkpoints and resume: tests/test_fsdp_checkpoint.py; branches from them are not implemented
+    (2, [*FSDP, "train.branch_from={d}_parent", "train.branch_step=4"],
+     "error: train.branch_from: cooldown branches of train.parallel=fsdp runs are not implemented"),
     (2, [*FSDP, "diagnostics.every=4"], "error: diagnostics.every: diagnostics read whole weights"),
 ])
 def test_multi_process_config_errors(tmp_path, world, extra, message):
