@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from bench.declaration import REPO, BenchConfig, BenchError
 from bench.plan import PlannedRun, trial_config
+from harness.config.search import with_user_dirs
 from harness.lifecycle.rundir import complete_summary
 
 # Linux: the multirun gets SIGTERM when this driver dies, even by SIGKILL (prctl PR_SET_PDEATHSIG = 1, set in
@@ -30,8 +31,11 @@ def with_parent(cmd: list[str]) -> list[str]:
 
 
 def hydra_command(b: BenchConfig, out: Path, names: list[str]) -> list[str]:
+    """train.py's multirun of these trial configs; the search path lists <out>/conf, then the user's config
+    directories (OPTBENCH_CONFIG_PATH, which the multirun inherits with absolute paths: activate)."""
+    searchpath = with_user_dirs([f"hydra.searchpath=[file://{(out / 'conf').resolve()}]"])
     cmd = [sys.executable, str(REPO / "train.py"), "-m", f"experiment={b.experiment}", *b.overrides,
-           f"hydra.searchpath=[file://{(out / 'conf').resolve()}]", f"+trial={','.join(names)}",
+           *searchpath, f"+trial={','.join(names)}",
            f"hydra.sweep.dir={out.resolve() / 'runs'}", "hydra.sweep.subdir=${bench.phase}/${bench.arm}/${bench.trial}",
            "train.on_complete=skip", "train.on_broken=move_aside", "train.on_crash=record", "train.progress=false", "train.save_final=false",
            f"train.threads={b.threads}", f"logger={b.logger}"]

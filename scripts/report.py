@@ -1,6 +1,7 @@
 """Rebuild a benchmark's report from its records: report.md, report.html, summary.json, runs.csv, plots/.
 
     python scripts/report.py results/bench_tiny
+    OPTBENCH_CONFIG_PATH=~/optbench_conf python scripts/report.py results/bench_mine   # the user's code importable
 
 The report is bench/report.py (bench/__init__.py maps the engine); this is its command line.
 """
@@ -15,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.records import RecordError
 from bench.report import build_report
+from harness.config import search
+from harness.config.schema import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bench_dir", type=Path, help="a benchmark directory (scripts/bench.py writes it)")
     args = parser.parse_args(argv)
     try:
+        search.activate()  # a benchmark of a user's model rebuilds it from config.yaml (its size): its class imports
         out = build_report(args.bench_dir)
-    except RecordError as e:
+    except (RecordError, ConfigError) as e:
         print(f"report: {e}", file=sys.stderr)
         return 2
     for path in out.values():

@@ -4,4 +4,5 @@
                   ConfigError; to_typed
     validate.py   value ranges and cross-field constraints; the optimizer's typed spec from its `_target_`
     preflight.py  composes the command line first, so that an unknown key or option is one line, not a traceback
+    search.py     where configs are found: conf/, then the user's directories (OPTBENCH_CONFIG_PATH), importable
 """

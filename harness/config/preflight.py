@@ -8,7 +8,9 @@ unknown key, an unknown group option, a value of the wrong type or an unparsable
 
 and exits 2 before Hydra creates any directory. A run directory that cannot be created (under a regular
 file, on a read-only mount) is reported the same way; Hydra would create it with a traceback. Hydra's own
-flags (-m, --cfg, --help, ...) skip this and keep Hydra's behaviour.
+flags (-m, --cfg, --help, ...) skip this and keep Hydra's behaviour. The user's config directories
+(OPTBENCH_CONFIG_PATH, harness/config/search.py) are composed with conf/; a wrong entry in that variable is
+one line too, flags or not.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.utils import get_class
 from omegaconf.errors import OmegaConfBaseException
+
+from harness.config import search
+from harness.config.schema import ConfigError
+from harness.config.validate import optimizer_keys
 
 
 def _first_line(e: BaseException) -> str:
@@ -43,10 +50,11 @@ def schema_fields(path: str) -> list[str]:
 
 
 def composition_error(config_dir: Path, overrides: list[str]) -> tuple[str | None, str | None]:
-    """(error line, run directory) for these overrides; error None when they compose."""
+    """(error line, run directory) for these overrides, the user's config directories on the search path;
+    error None when they compose."""
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+            cfg = compose("config", overrides=search.with_user_dirs(overrides), return_hydra_config=True)
             try:
                 run_dir = str(cfg.hydra.run.dir)
             except OmegaConfBaseException:
@@ -54,8 +62,10 @@ def composition_error(config_dir: Path, overrides: list[str]) -> tuple[str | Non
     except MissingConfigException as e:
         group, _, name = (e.missing_cfg_file or "").rpartition("/")
         options = f" (options: {', '.join(e.options)})" if e.options else ""
-        where = f"{group}={name}: no conf/{group}/{name}.yaml" if group else _first_line(e)
+        where = f"{group}={name}: no {search.where(group, name)}" if group else _first_line(e)
         return where + options, None
+    except ConfigError as e:  # OPTBENCH_CONFIG_PATH
+        return str(e), None
     except OverrideParseException as e:
         return f"cannot parse the override {getattr(e, 'override', None) or ''!r}: {_first_line(e)}", None
     except (ConfigCompositionException, OmegaConfBaseException) as e:
@@ -64,11 +74,32 @@ def composition_error(config_dir: Path, overrides: list[str]) -> tuple[str | Non
         text = _first_line(cause)
         if key and "not in" in text:  # the schema is closed: say which key was meant
             parent, _, name = key.rpartition(".")
+            if key.startswith("optimizer."):  # typed by its `_target_`, not by Config
+                return f"{key}: {text}{optimizer_key_hint(config_dir, overrides, key)}", None
             close = difflib.get_close_matches(name, schema_fields(parent), n=1)
             hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
             return f"{key}: {text}{hint}", None
         return (f"{key}: {text}" if key else f"{_first_line(e)}: {text}" if cause is not e else text), None
     return None, run_dir
+
+
+def optimizer_key_hint(config_dir: Path, overrides: list[str], key: str) -> str:
+    """What to say after `optimizer.<...>: Key ... is not in struct` (an override of a key the optimizer's YAML
+    does not set): the closest key its `_target_` accepts (harness/config/validate.py optimizer_keys), or, for an
+    argument an external optimizer's class takes, the `+` that adds it. "" when the rest does not compose."""
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
+            target = compose("config", overrides=search.with_user_dirs(rest)).optimizer._target_
+        spec_cls = get_class(target)
+    except Exception:  # noqa: BLE001 - no hint then; the error line itself stands
+        return ""
+    parent, _, name = key.removeprefix("optimizer.").rpartition(".")
+    names = optimizer_keys(spec_cls, parent)
+    if name in names:
+        return f" (the YAML does not set it; {target} takes it: add it with +{key}=VALUE)"
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean optimizer.{parent + '.' if parent else ''}{close[0]}?)" if close else ""
 
 
 def run_dir_error(run_dir: str) -> str | None:
@@ -98,6 +129,10 @@ def preflight(config_dir: Path, argv: list[str]) -> str | None:
         if not any(a.startswith(f"{key}=") for a in argv):
             return (f"{key}: a multi-process run needs an explicit {key}=PATH (every rank must write to the same "
                     "directory; the default has the launch time in its name)")
+    try:
+        search.user_dirs()  # checked here too for Hydra's own flags (-m, ...), which skip the composition
+    except ConfigError as e:
+        return str(e)
     if any(a.startswith("-") for a in argv):
         return None
     error, run_dir = composition_error(config_dir, argv)
