@@ -30,6 +30,7 @@ from tqdm import tqdm
 from data.shards import DataError
 from harness.config.preflight import preflight
 from harness.config.schema import ConfigError, register_configs
+from harness.config.search import with_user_dirs
 from harness.lifecycle import checkpoint
 from harness.lifecycle.checkpoint import CheckpointError
 from harness.lifecycle.prepare import CompleteRun, PreparedRun, SetupError, prepare_run
@@ -37,6 +38,7 @@ from harness.lifecycle.recorder import Recorder, end_loss, run_summary
 from harness.loop.schedule import lr_factor
 from harness.loop.state import LoopState
 from harness.probes.diagnostics import flat_for_wandb
+from optimizers.external import eval_weights, step_closure
 from optimizers.sharded import unshard
 from runtime.device import autocast
 from runtime.distributed import LaunchError, shutdown
@@ -69,13 +71,14 @@ def train(run: PreparedRun, optimizer_choice: str | None = None, overrides: tupl
             if diag is not None and diag.due(step):  # snapshots and gradient noise, off the training clock
                 with state.train.paused(), state.diagnostics.running():
                     diag.before_step(step)
-            with state.optimizer.running():  # optimizer.step() alone, for the overhead ratio of protocol.md
+            closure = step_closure(opt, lambda s=step: forward_backward(run, model, s))  # None: no member needs one
+            with state.optimizer.running():  # optimizer.step() alone, closures included: protocol.md's ratio
                 if step == 1:
                     with FlopCounterMode(display=False) as counter:
-                        opt.step()
+                        opt.step(closure)
                     state.opt_flops = counter.get_total_flops()
                 else:
-                    opt.step()
+                    opt.step(closure)
             run.model.after_optimizer_step()  # e.g. PC layers' power iteration on the updated weights
             opt.zero_grad(set_to_none=True)
             train_loss = run.dist.mean(loss).item()  # the global batch's mean loss
@@ -162,16 +165,16 @@ def evaluate(run: PreparedRun, model: torch.nn.Module) -> float:
     DDP processes, rank r scores batches r, r + W, ... and the sums are all-reduced; under FSDP every rank
     runs every batch (its forwards gather parameters, so all ranks must run the same number)."""
     model.eval()
-    total, count = 0.0, 0
-    split = run.dist.world > 1 and not run.dist.fsdp
-    for i, (x, y) in enumerate(run.data.val_batches(run.cfg.train.eval_batch_size)):
-        if split and i % run.dist.world != run.dist.rank:
-            continue
-        x, y = x.to(run.device), y.to(run.device)
-        with autocast(run.device, run.precision):
-            _, loss = model(x, y)
-        total += loss.item() * y.numel()
-        count += y.numel()
+    total, count, split = 0.0, 0, run.dist.world > 1 and not run.dist.fsdp
+    with eval_weights(run.optimizer):  # the optimizer's evaluation weights (Schedule-Free: its average x)
+        for i, (x, y) in enumerate(run.data.val_batches(run.cfg.train.eval_batch_size)):
+            if split and i % run.dist.world != run.dist.rank:
+                continue
+            x, y = x.to(run.device), y.to(run.device)
+            with autocast(run.device, run.precision):
+                _, loss = model(x, y)
+            total += loss.item() * y.numel()
+            count += y.numel()
     model.train()
     if split:
         sums = run.dist.sum(torch.tensor([total, count], dtype=torch.float64, device=run.device))
@@ -180,33 +183,21 @@ def evaluate(run: PreparedRun, model: torch.nn.Module) -> float:
 
 
 def save_checkpoint(run: PreparedRun, state: LoopState, recorder: Recorder) -> None:
-    if not run.dist.is_rank0:
-        return
-    recorder.flush()
-    t = run.cfg.train
-    checkpoint.save(run.run_dir, state.step, {
-        "workload_hash": run.workload_hash, "config": run.resolved,
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng": checkpoint.rng_state(),
-        "loop": state.state_dict(), "branch": run.branch, **recorder.checkpoint_fields()},
-        keep=t.ckpt_keep, pinned=t.ckpt_steps)
+    checkpoint.save_run(run, state, recorder)  # rank 0's file; under FSDP every rank's shards (a collective)
 
 
 def finish(run: PreparedRun, state: LoopState, recorder: Recorder, failure: str | None) -> dict:
     """The final weights, summary.json, the checkpoints' clean-up and the lock; rank 0 returns the summary."""
     t = run.cfg.train
-    if run.dist.fsdp and t.save_final:  # a collective: every rank sends its shards, rank 0 keeps the whole
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        weights = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        weights = run.model.state_dict() if run.dist.is_rank0 else None
+    with eval_weights(run.optimizer):  # the final weights in eval mode (Schedule-Free: its average x)
+        weights = checkpoint.whole_weights(run.model, run.dist) if t.save_final else None  # FSDP: a collective
+        if run.dist.is_rank0 and t.save_final:
+            tmp = run.run_dir / ".model_final.pt.tmp"
+            torch.save({"model_config": dataclasses.asdict(run.cfg.model), "state_dict": weights}, tmp)
+            tmp.replace(run.run_dir / "model_final.pt")
     if not run.dist.is_rank0:
         return {}
     summary = run_summary(run, state, recorder, failure)
-    if t.save_final:
-        tmp = run.run_dir / ".model_final.pt.tmp"
-        torch.save({"model_config": dataclasses.asdict(run.cfg.model), "state_dict": weights}, tmp)
-        tmp.replace(run.run_dir / "model_final.pt")
     recorder.finish(summary)
     if not t.ckpt_keep_final:  # model_final.pt is the run's weights; train.ckpt_steps' are kept for branches
         checkpoint.remove_all(run.run_dir, pinned=t.ckpt_steps)
@@ -240,9 +231,9 @@ def main(dcfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    problem = preflight(Path(__file__).parent / "conf", sys.argv[1:])
-    if problem:
+    if problem := preflight(Path(__file__).parent / "conf", sys.argv[1:]):
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = with_user_dirs(sys.argv[1:])  # OPTBENCH_CONFIG_PATH: on Hydra's search path and sys.path
     main()
     shutdown()  # multi-process runs: leave the process group together

@@ -10,6 +10,7 @@ search (method and trial count, equal for every arm), the tuning seed, the fresh
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +18,14 @@ from typing import Any
 
 import numpy as np
 from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from harness.config import search as configs
+from harness.config.schema import ConfigError
+from harness.config.validate import optimizer_keys
+from optimizers.external import RESERVED
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHERS = ("basic", "joblib", "slurm")
@@ -171,12 +178,17 @@ def seed_pair(seed: int) -> tuple[int, int]:
 
 
 def load_bench(name_or_path: str, **cli: Any) -> BenchConfig:
+    """A declaration by name (conf/bench/<name>.yaml, or bench/<name>.yaml of a directory of
+    OPTBENCH_CONFIG_PATH, harness/config/search.py) or by path."""
+    try:
+        configs.activate()  # a wrong OPTBENCH_CONFIG_PATH is one line; the multirun inherits it, absolute
+    except ConfigError as e:
+        raise BenchError(str(e)) from None
     path = Path(name_or_path)
     if not path.suffix:
-        path = REPO / "conf" / "bench" / f"{name_or_path}.yaml"
+        path = configs.find("bench", name_or_path) or REPO / "conf" / "bench" / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in (REPO / "conf" / "bench").glob("*.yaml")))
-        raise BenchError(f"bench: no {path} (known: {known})")
+        raise BenchError(f"bench: no {path} (known: {', '.join(configs.options('bench'))})")
     try:
         node = OmegaConf.merge(OmegaConf.structured(BenchConfig), OmegaConf.load(path),
                                {k: v for k, v in cli.items() if v is not None})
@@ -193,9 +205,10 @@ def composed_schedule(b: BenchConfig) -> dict[str, Any]:
     from harness.config.schema import register_configs
 
     register_configs()
+    overrides = configs.with_user_dirs([f"experiment={b.experiment}", *b.overrides, "logger=none"])
     try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3", job_name="bench"):
-            cfg = compose("config", overrides=[f"experiment={b.experiment}", *b.overrides, "logger=none"])
+        with initialize_config_dir(config_dir=str(configs.CONF), version_base="1.3", job_name="bench"):
+            cfg = compose("config", overrides=overrides)
     except Exception as e:  # noqa: BLE001 - Hydra raises several types; the first line names the problem
         raise BenchError(f"bench.overrides: the workload does not compose ({str(e).splitlines()[0]})") from None
     sched = OmegaConf.to_container(cfg.schedule, resolve=True)
@@ -227,8 +240,8 @@ def validate(b: BenchConfig) -> None:
         _fail("seeds", f"need >= 3 distinct fresh seeds other than the tuning seed {b.tuning_seed} (got {b.seeds})")
     if b.target.loss is not None and not b.target.source:
         _fail("target.source", "a declared target needs its source (declared before any run: say why this value)")
-    if not (REPO / "conf" / "experiment" / f"{b.experiment}.yaml").is_file():
-        _fail("experiment", f"no conf/experiment/{b.experiment}.yaml")
+    if configs.find("experiment", b.experiment) is None:
+        _fail("experiment", f"no {configs.where('experiment', b.experiment)}")
     for o in b.overrides:
         if o.split("=", 1)[0].lstrip("+~").startswith(("optimizer", "hybrid")):
             _fail("overrides", f"{o!r}: the optimizer is the arm's and the shared group is bench.hybrid")
@@ -260,8 +273,8 @@ def _check_diagnostics(b: BenchConfig) -> None:
 
 def _check_arm(b: BenchConfig, name: str, a: ArmConfig) -> None:
     key = f"arms.{name}"
-    if not (REPO / "conf" / "optimizer" / f"{a.optimizer}.yaml").is_file():
-        _fail(f"{key}.optimizer", f"no conf/optimizer/{a.optimizer}.yaml")
+    if configs.find("optimizer", a.optimizer) is None:
+        _fail(f"{key}.optimizer", f"no {configs.where('optimizer', a.optimizer)}")
     for k in (*a.set, *a.space):
         variant_hybrid = a.variant_of is not None and k.startswith("hybrid.") and k in a.set
         if k.startswith(WORKLOAD_KEYS) and not variant_hybrid:
@@ -276,6 +289,7 @@ def _check_arm(b: BenchConfig, name: str, a: ArmConfig) -> None:
             _fail(f"{key}.inherit", "inherits the setting of an arm with another optimizer")
     elif a.inherit or a.whole_model:
         _fail(f"{key}", "inherit and whole_model are for variant arms (variant_of)")
+    _check_knobs(name, a)
     if a.inherit:
         return
     if len(a.space) < 2:
@@ -291,6 +305,33 @@ def _check_arm(b: BenchConfig, name: str, a: ArmConfig) -> None:
                   if ax.scale == "log" else f"need low <= default <= high (got {ax.low}, {ax.default}, {ax.high})")
         if not (ax.step > 1 if ax.scale == "log" else ax.step > 0):
             _fail(f"{where}.step", f"must be {'> 1 (a factor)' if ax.scale == 'log' else '> 0'} (got {ax.step})")
+
+
+def _check_knobs(name: str, a: ArmConfig) -> None:
+    """Every `optimizer.<key>` an arm sets or tunes is a key its optimizer takes (harness/config/validate.py
+    optimizer_keys: a spec's fields, or an external torch optimizer's keyword arguments), so that a typo fails
+    here rather than at the first trial. An external optimizer's reserved keys (`_params_`, ...) are options an
+    arm may set, never tuned knobs; its `_aux_` is the workload's (the shared group replaces it)."""
+    path = configs.find("optimizer", a.optimizer)
+    target = OmegaConf.load(path).get("_target_") if path is not None else None
+    if not target:  # no file: refused by the caller; no _target_: refused by the run's own checks
+        return
+    try:
+        spec_cls = get_class(target)
+    except Exception as e:  # noqa: BLE001 - hydra wraps import errors in several types
+        _fail(f"arms.{name}.optimizer", f"{a.optimizer}: cannot import {target!r} ({e.__class__.__name__})")
+    for where, keys in (("set", a.set), ("space", a.space)):
+        for k in (k for k in keys if k.startswith("optimizer.")):
+            parent, _, leaf = k.removeprefix("optimizer.").rpartition(".")
+            if k.startswith("optimizer._aux_."):
+                _fail(f"arms.{name}.{where}", f"{k!r} belongs to the workload (the shared group), not to an arm")
+            if where == "space" and leaf in RESERVED:
+                _fail(f"arms.{name}.space.{k}", f"{leaf} is an option of the arm (set it), not a tuned knob")
+            known = optimizer_keys(spec_cls, parent)
+            if leaf not in known:
+                close = difflib.get_close_matches(leaf, known, n=1)
+                hint = f" (did you mean optimizer.{parent + '.' if parent else ''}{close[0]}?)" if close else ""
+                _fail(f"arms.{name}.{where}.{k}", f"optimizer={a.optimizer} ({target}) takes no key {leaf!r}{hint}")
 
 
 def declaration(b: BenchConfig) -> dict[str, Any]:

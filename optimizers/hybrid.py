@@ -13,7 +13,9 @@ Protocol v2's shared group (`hybrid` in the run config, set by every benchmark):
 settings trains embeddings, head and gains/biases in every arm, so the arm under test owns only the hidden
 matrices. `build_optimizer` applies it to any spec: a matrix method's own auxiliary AdamW is replaced by the
 shared one, a whole-model method (AdamW, Adam-mini, Lion, a user's optimizer) is built on the hidden group
-alone and paired with it. Without `hybrid` (a user's own run) every spec builds as it declares.
+alone and paired with it. An external optimizer (optimizers/external.py) fits both forms: with `_params_: hidden`
+it declares `aux`, with `_params_: all` it is a whole-model method. Without `hybrid` (a user's own run) every spec
+builds as it declares.
 """
 
 from __future__ import annotations
@@ -51,9 +53,17 @@ class CombinedOptimizer:
         return {p: s for o in self.optimizers for p, s in o.state.items()}
 
     @torch.no_grad()
-    def step(self) -> None:
-        for o in self.optimizers:
-            o.step()
+    def step(self, closure=None):
+        """Step every member; `closure` (optimizers/external.py step_closure) goes only to the members that need
+        one (`needs_closure`, e.g. torch.optim.LBFGS), stepped last so that the others use the step's own
+        gradients, not those a closure re-evaluated. Returns the closure's last loss, or None."""
+        loss = None
+        for o in sorted(self.optimizers, key=lambda o: getattr(o, "needs_closure", False)):  # stable: in order
+            if getattr(o, "needs_closure", False):
+                loss = o.step(closure)
+            else:
+                o.step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
@@ -76,7 +86,8 @@ class CombinedOptimizer:
         raise AttributeError(name)
 
     def __repr__(self) -> str:
-        return f"CombinedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
+        # an external optimizer's adapter (optimizers/external.py) by its class's name, e.g. (SGD, AdamW)
+        return f"CombinedOptimizer({', '.join(type(getattr(o, 'inner', o)).__name__ for o in self.optimizers)})"
 
 
 def with_aux_adamw(matrix: torch.optim.Optimizer, split: ParamSplit, aux: AdamWSpec) -> CombinedOptimizer:

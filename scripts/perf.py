@@ -40,7 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.config.schema import register_configs
+from harness.config import search
+from harness.config.schema import ConfigError, register_configs
 from harness.lifecycle.prepare import CompleteRun, prepare_run
 from harness.lifecycle.records import environment, state_bytes
 from optimizers import ortho
@@ -63,8 +64,9 @@ VARIANTS = {"muon_fp32": ("muon", ("optimizer.dtype=fp32",))}
 
 
 def optimizer_names() -> list[str]:
-    """Every conf/optimizer/*.yaml (AdamW, the reference, first), each variant after its base."""
-    names = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml"))
+    """Every conf/optimizer/*.yaml and the user's (OPTBENCH_CONFIG_PATH; AdamW, the reference, first), each variant
+    after its base."""
+    names = search.options("optimizer")
     names = ["adamw", *(n for n in names if n != "adamw")]
     for variant, (base, _) in VARIANTS.items():
         names.insert(names.index(base) + 1, variant)
@@ -77,9 +79,10 @@ def compose_run(preset: str, optimizer: str, extra: tuple[str, ...] = ()):
 
     base, overrides = VARIANTS.get(optimizer, (optimizer, ()))
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3", job_name="perf"):
-        dcfg = compose("config", overrides=[*PRESETS[preset], f"optimizer={base}", "logger=none", "name=perf",
-                                            *overrides, *extra])
+    overrides = search.with_user_dirs([*PRESETS[preset], f"optimizer={base}", "logger=none", "name=perf",
+                                       *overrides, *extra])
+    with initialize_config_dir(config_dir=str(search.CONF), version_base="1.3", job_name="perf"):
+        dcfg = compose("config", overrides=overrides)
     with tempfile.TemporaryDirectory() as tmp:
         run = prepare_run(dcfg, Path(tmp) / "run")
         assert not isinstance(run, CompleteRun)
@@ -496,6 +499,10 @@ def run(preset: str, repeats: int, optimizers: list[str], out: Path | None, full
 
 
 def main() -> None:
+    try:
+        search.activate()  # the user's optimizers (OPTBENCH_CONFIG_PATH) are measured too
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("preset", choices=sorted(PRESETS))
     p.add_argument("--repeats", type=int, default=7)

@@ -114,7 +114,7 @@ class BenchTag:
 
 @dataclass
 class Config:
-    model: ModelConfig = MISSING
+    model: ModelConfig = MISSING  # a built-in family, or a user's class by model._target_ (models/__init__.py)
     data: DataConfig = MISSING
     optimizer: Any = MISSING  # typed by its own `_target_` spec dataclass, see build_optimizer_spec
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import typing
 from typing import Any
 
 from hydra.utils import get_class
@@ -15,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from harness.config.schema import Config, ConfigError
 from harness.loop.schedule import SCHEDULES
+from optimizers.adamw import AdamWSpec
+from optimizers.external import RESERVED, ExternalSpec, arguments, is_external
 from runtime.distributed import world_size
 
 # train.on_*: the first value is a standalone run's (refuse, raise), the second a benchmark's
@@ -27,9 +31,10 @@ def _positive(key: str, value: float, strict: bool = True) -> None:
 
 
 def build_optimizer_spec(node: DictConfig | dict) -> Any:
-    """Turn the `optimizer` node into its typed spec (a dataclass named by `_target_`, with a
-    `validate(key)` method for ranges and a `build(split)` method), checking keys, types and ranges.
-    Errors name the key as `optimizer.<key>`."""
+    """Turn the `optimizer` node into its typed spec: the dataclass `_target_` names (a `validate(key)` method for
+    ranges, a `build(split)` method), or for a torch.optim.Optimizer subclass an ExternalSpec of its keyword
+    arguments (optimizers/external.py), checking keys, types and ranges. Errors name the key as `optimizer.<key>`,
+    an unknown one with the closest known."""
     node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     target = node.pop("_target_", None)
     if not target:
@@ -38,18 +43,39 @@ def build_optimizer_spec(node: DictConfig | dict) -> Any:
         spec_cls = get_class(target)
     except Exception as e:  # noqa: BLE001 - hydra wraps import errors in several types
         raise ConfigError(f"optimizer._target_: cannot import {target!r} ({e.__class__.__name__})") from None
-    if not dataclasses.is_dataclass(spec_cls):
-        raise ConfigError(f"optimizer._target_: {target} is not a dataclass spec")
+    if not dataclasses.is_dataclass(spec_cls) and not is_external(spec_cls):
+        raise ConfigError(f"optimizer._target_: {target} is neither a dataclass spec nor a torch.optim.Optimizer")
     try:
-        spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec_cls), node))
+        spec = (ExternalSpec.from_node(target, node) if is_external(spec_cls)
+                else OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec_cls), node)))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"optimizer.{key}: {str(e).splitlines()[0]}") from None
+        parent, _, name = key.rpartition(".")
+        close = difflib.get_close_matches(name, optimizer_keys(spec_cls, parent), n=1) if "not in" in str(e) else []
+        hint = f" (did you mean optimizer.{parent + '.' if parent else ''}{close[0]}?)" if close else ""
+        raise ConfigError(f"optimizer.{key}: {str(e).splitlines()[0]}{hint}") from None
+    except ValueError as e:  # ExternalSpec.from_node: a reserved key
+        raise ConfigError(str(e)) from None
     try:
         spec.validate("optimizer")  # range checks; messages start with the dotted key
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return spec
+
+
+def optimizer_keys(spec_cls: Any, path: str = "") -> list[str]:
+    """The keys an optimizer node whose `_target_` is `spec_cls` accepts at the dotted `path` below it ("" = its
+    top): a spec dataclass's fields (a nested spec's at its path), an external optimizer's keyword arguments and
+    reserved keys (its `_aux_`: AdamW's fields). [] where nothing is known."""
+    if is_external(spec_cls):
+        if not path:
+            return [*arguments(spec_cls), *RESERVED]
+        head, _, path = path.partition(".")
+        spec_cls = AdamWSpec if head == "_aux_" else None
+    node = spec_cls
+    for part in [p for p in path.split(".") if p]:
+        node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
 def non_finite(value: Any, key: str = "") -> tuple[str, float] | None:

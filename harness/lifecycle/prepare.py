@@ -24,12 +24,14 @@ from harness.config.validate import validate
 from harness.lifecycle import branch as branching
 from harness.lifecycle import checkpoint
 from harness.lifecycle.checkpoint import CheckpointError
-from harness.lifecycle.records import REPO, workload_hash
+from harness.lifecycle.records import workload_hash
 from harness.lifecycle.rundir import RunLock, SetupError, check_run_dir, complete_summary, move_aside
 from harness.loop.schedule import eval_steps
 from harness.probes.diagnostics import Diagnostics
 from harness.probes.hooks import InputHooks
 from models import ROLE_GROUP, build_model
+from optimizers import external
+from optimizers.external import ExternalOptimizer
 from optimizers.groups import ParamSplit, split_parameters
 from optimizers.hybrid import CombinedOptimizer, build_optimizer
 from runtime.device import resolve_precision
@@ -94,7 +96,8 @@ def workload_of(cfg: Config, data: TokenData) -> dict[str, Any]:
     compared within one. The PC layer's `model.pc_*` options are excluded: the PC layer is compared as a method
     on the same workload (its runs record pc_level in their summary)."""
     t = cfg.train
-    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if not k.startswith("pc_")}
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items()
+             if not k.startswith("pc_") and not (k in ("_target_", "options") and not v)}  # unset: older hashes kept
     return {"model": model, "data": data.identity(), "seq_len": t.seq_len,
             "global_batch_tokens": t.global_batch_size * t.seq_len, "max_steps": t.max_steps,
             "val_tokens": data.num_val_tokens, "eval_steps": eval_steps(t), "target_loss": t.target_loss,
@@ -105,11 +108,17 @@ def workload_of(cfg: Config, data: TokenData) -> dict[str, Any]:
 def build_trainable(cfg: Config, spec: Any, device: torch.device, dist: Dist | None = None) -> Trainable:
     """Model (seeded by `seed`), parameter split and optimizer; under FSDP the model is sharded first."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
+    try:  # checked against the model interface right after construction (models/__init__.py: check_model)
+        model = build_model(cfg.model).to(device)
+    except ValueError as e:  # a user's model class (model._target_) that lacks a piece: one line naming it
+        raise SetupError(str(e)) from None
     if dist is not None and dist.fsdp:
         dist.shard(model, device)  # before the optimizer: it must hold the sharded parameters
     split = split_parameters(model.named_parameters(), model.param_roles(), ROLE_GROUP, model.attn_layout())
-    optimizer = build_optimizer(spec, split, cfg.hybrid)
+    try:
+        optimizer = build_optimizer(spec, split, cfg.hybrid)
+    except ValueError as e:  # a method that cannot run on this model (Adam-mini's per-head roles without a layout)
+        raise SetupError(f"optimizer: {' '.join(str(e).split())[:300]}") from None
     for group in optimizer.param_groups:  # the schedule scales this peak value at every step
         group["peak_lr"] = group["lr"]
     return Trainable(model, split, optimizer, InputHooks.attach(model, optimizer, split.params("hidden")))
@@ -159,9 +168,9 @@ def _prepare(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: to
         lock = RunLock(run_dir)
     dist.barrier()  # the other ranks go on once rank 0 has set up (or moved aside) the run directory
 
-    data_dir = Path(cfg.data.dir) if Path(cfg.data.dir).is_absolute() else REPO / cfg.data.dir
+    data_dir = cfg.data.resolve_dir()  # a relative data.dir: from the directory train.py was launched in
     # TokenData checks every shard header/size and meta.json (incl. the tokenizer's vocab) before any compute
-    data = TokenData(str(data_dir), cfg.data, cfg.train.seq_len)
+    data = TokenData(data_dir, cfg.data, cfg.train.seq_len)
     data.check_vocab(cfg.model.vocab_size)
 
     workload = workload_of(cfg, data)
@@ -175,6 +184,7 @@ def _prepare(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: to
     if branch_start:
         branch = branching.check_parent(*resume, cfg, resolved, lambda c: workload_hash(workload_of(c, data)))
     elif resume is not None:
+        checkpoint.check_layout(*resume, dist)  # an FSDP checkpoint: the same world size, train.parallel=fsdp
         checkpoint.check_compatible(*resume, workload_hash(workload), resolved)
 
     built = build_trainable(cfg, spec, device, dist)
@@ -198,7 +208,8 @@ def _prepare(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: to
 def check_fsdp(cfg: Config, spec: Any) -> None:
     """What train.parallel=fsdp does not support, refused before any compute (README: Multi-process)."""
     if not getattr(spec, "supports_fsdp", False):
-        raise SetupError(f"optimizer: {type(spec).__name__[:-4]} does not run on FSDP-sharded parameters "
+        name = getattr(spec, "target", None) or type(spec).__name__.removesuffix("Spec")  # ExternalSpec: the class
+        raise SetupError(f"optimizer: {name} does not run on FSDP-sharded parameters "
                          "(train.parallel=fsdp supports AdamW, Muon, NorMuon, Newton-Muon and PolarGrad); use "
                          "train.parallel=ddp")
     if cfg.model.pc_level:
@@ -208,17 +219,17 @@ def check_fsdp(cfg: Config, spec: Any) -> None:
         raise SetupError("diagnostics.every: diagnostics read whole weights and run Hessian-vector products on one "
                          "replica, which train.parallel=fsdp does not keep; set diagnostics.every=0 or use "
                          "train.parallel=ddp")
-    if cfg.train.ckpt_every:
-        raise SetupError("train.ckpt_every: checkpoints of train.parallel=fsdp runs are not implemented; set "
-                         "train.ckpt_every=0 (or use train.parallel=ddp)")
-    if cfg.train.ckpt_steps or cfg.train.branch_from is not None:
-        raise SetupError(f"train.{'ckpt_steps' if cfg.train.ckpt_steps else 'branch_from'}: checkpoints (and so "
-                         "cooldown branches) of train.parallel=fsdp runs are not implemented; use train.parallel=ddp")
+    if cfg.train.branch_from is not None:
+        raise SetupError("train.branch_from: cooldown branches of train.parallel=fsdp runs are not implemented (an "
+                         "FSDP checkpoint resumes its own run only); use train.parallel=ddp")
 
 
 def load_state(path: Path, payload: dict[str, Any], model: torch.nn.Module, optimizer) -> None:
-    """Model and optimizer state from a checkpoint; a mismatch (renamed parameters, another optimizer
-    layout) is an incompatible code version, reported in one line."""
+    """Model and optimizer state from a checkpoint (a sharded one's read first, by every rank: a collective);
+    a mismatch (renamed parameters, another optimizer layout) is an incompatible code version, reported in one
+    line."""
+    if path.is_dir():
+        checkpoint.load_shards(path, payload, model)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:
@@ -233,7 +244,21 @@ def load_state(path: Path, payload: dict[str, Any], model: torch.nn.Module, opti
 
 
 def optimizer_name(optimizer) -> str:
-    return repr(optimizer) if isinstance(optimizer, CombinedOptimizer) else type(optimizer).__name__
+    """How the records name the optimizer object: CombinedOptimizer(Muon, AdamW), AdamW, or an external class's
+    name (SGD: optimizers/external.py)."""
+    if isinstance(optimizer, CombinedOptimizer):
+        return repr(optimizer)
+    return optimizer.name if isinstance(optimizer, ExternalOptimizer) else type(optimizer).__name__
+
+
+def external_lines(optimizer) -> list[str]:
+    """The banner's line for an external optimizer: its class with every keyword argument it runs with."""
+    rec = external.record(optimizer)
+    if rec is None:
+        return []
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in rec["kwargs"].items())
+    return [(f"external     {rec['class']}({kwargs}); _params_: {rec['params']}, closure: {rec['closure']}, "
+             f"package: {rec['package'] or 'a local module'}")]
 
 
 def banner(run: PreparedRun) -> str:
@@ -247,6 +272,7 @@ def banner(run: PreparedRun) -> str:
         "param groups (every trainable parameter claimed once):",
         run.split.describe(),
         f"optimizer    {optimizer_name(run.optimizer)} {run.cfg.optimizer}",
+        *external_lines(run.optimizer),
         *([f"shared group {run.cfg.hybrid.adamw()} on embeddings, head, gains/biases (hybrid; replaces any aux)"]
           if run.cfg.hybrid.enabled else []),
         (f"batch        {t.global_batch_size} seq x {t.seq_len} tok = {run.tokens_per_step:,} tokens/step "

@@ -25,6 +25,7 @@ from harness.lifecycle import checkpoint
 from harness.lifecycle.prepare import PreparedRun, banner, optimizer_name
 from harness.lifecycle.records import MetricsLog, code_version, environment, state_bytes, summarize
 from harness.loop.state import LoopState
+from optimizers import external
 from runtime.device import matmul_rates
 from runtime.files import atomic_write_json, atomic_write_text
 
@@ -134,6 +135,9 @@ def run_summary(run: PreparedRun, state: LoopState, recorder: Recorder, failure:
         "unigram_entropy_nats": run.data.unigram_entropy_nats, "world_size": run.dist.world,
         "optimizer": recorder.optimizer, "optimizer_class": optimizer_name(opt),
         "optimizer_target": run.resolved["optimizer"]["_target_"],
+        # an external torch.optim.Optimizer (optimizers/external.py): its class, every keyword argument it ran with,
+        # its package's version; and the forward+backward evaluations its closures made (LBFGS): extra compute
+        "optimizer_external": external.record(opt), "closure_evals": external.closure_evals(opt),
         # PolarGrad's lr_scale=muon_at_init: raw lr = lr x calibration, fixed on the first step
         "lr_calibration": next((g["lr_calibration"] for g in opt.param_groups if "lr_calibration" in g), None),
         "seed": cfg.seed, "data_seed": cfg.data.seed, "experiment": cfg.experiment,

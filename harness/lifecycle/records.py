@@ -110,9 +110,23 @@ class MetricsLog:
 
 
 def state_bytes(optimizer) -> int:
-    """Measured bytes of every tensor in the optimizer's state (protocol.md: state memory vs AdamW's)."""
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-               if hasattr(v, "element_size"))
+    """Measured bytes of every tensor in the optimizer's state (protocol.md: state memory vs AdamW's), nested
+    ones included (PSGD-Kron keeps its factors in lists); a tensor held twice counts once."""
+    seen: set[int] = set()
+
+    def size(v: Any) -> int:
+        if hasattr(v, "element_size") and hasattr(v, "numel"):  # a tensor (this module does not import torch)
+            if id(v) in seen:
+                return 0
+            seen.add(id(v))
+            return v.numel() * v.element_size()
+        if isinstance(v, dict):
+            return sum(size(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return sum(size(x) for x in v)
+        return 0
+
+    return sum(size(s) for s in optimizer.state.values())
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
