@@ -123,29 +123,32 @@ def _out_of_vocab_ids(d: Path, shard: str, meta: str) -> None:
         (d / "meta.json").write_text(json.dumps(m, indent=1))
 
 
-@pytest.mark.parametrize("corrupt, prefix, words", [
-    pytest.param(lambda d: (d / "train_000000.bin").unlink(), "{d}/train_*.bin: no shard matches",
-                 ["python -m data.prepare"], id="train shard missing"),
-    pytest.param(lambda d: (d / "val_000000.bin").unlink(), "{d}/val_*.bin: no shard matches",
-                 ["python -m data.prepare"], id="val shard missing"),
-    pytest.param(lambda d: (d / "train_000000.bin").write_bytes((d / "train_000000.bin").read_bytes()[:-1]),
-                 "{d}/train_000000.bin: header says", ["(truncated)"], id="truncated shard"),
-    pytest.param(lambda d: _set_int32(d / "train_000000.bin", 0, 12345),
-                 "{d}/train_000000.bin: unknown magic 12345", [], id="wrong magic"),
-    pytest.param(lambda d: _set_int32(d / "val_000000.bin", 4, 2),
-                 "{d}/val_000000.bin: magic 20240520 with version 2, expected 1", [], id="wrong version"),
+# Three through the command line; the other corruptions (a missing val shard, a wrong magic or version, ids beyond
+# the vocabulary with meta.json absent or stale) run in-process through the same path in tests/test_refusals.py.
+DATA_CASES = {
+    "train shard missing": (lambda d: (d / "train_000000.bin").unlink(), "{d}/train_*.bin: no shard matches",
+                            ["python -m data.prepare"]),
+    "val shard missing": (lambda d: (d / "val_000000.bin").unlink(), "{d}/val_*.bin: no shard matches",
+                          ["python -m data.prepare"]),
+    "truncated shard": (lambda d: (d / "train_000000.bin").write_bytes((d / "train_000000.bin").read_bytes()[:-1]),
+                        "{d}/train_000000.bin: header says", ["(truncated)"]),
+    "wrong magic": (lambda d: _set_int32(d / "train_000000.bin", 0, 12345), "{d}/train_000000.bin: unknown magic 12345",
+                    []),
+    "wrong version": (lambda d: _set_int32(d / "val_000000.bin", 4, 2),
+                      "{d}/val_000000.bin: magic 20240520 with version 2, expected 1", []),
     # the data-level vocabulary check: every shard is scanned (data/loader.py shard_max_ids), whatever
     # meta.json says (consistent with the edited shard, absent, or stale)
-    pytest.param(lambda d: _out_of_vocab_ids(d, "train_000000.bin", "update"),
-                 "{d}/train_000000.bin: holds token id 5000, outside model.vocab_size=4096", [],
-                 id="token id beyond vocab"),
-    pytest.param(lambda d: _out_of_vocab_ids(d, "train_000000.bin", "remove"),
-                 "{d}/train_000000.bin: holds token id 5000, outside model.vocab_size=4096", [],
-                 id="token id beyond vocab, no meta"),
-    pytest.param(lambda d: _out_of_vocab_ids(d, "val_000000.bin", "stale"),
-                 "{d}/val_000000.bin: holds token id 5000, outside model.vocab_size=4096", [],
-                 id="token id beyond vocab, stale meta"),
-])
+    "token id beyond vocab": (lambda d: _out_of_vocab_ids(d, "train_000000.bin", "update"),
+                              "{d}/train_000000.bin: holds token id 5000, outside model.vocab_size=4096", []),
+    "token id beyond vocab, no meta": (lambda d: _out_of_vocab_ids(d, "train_000000.bin", "remove"),
+                                       "{d}/train_000000.bin: holds token id 5000, outside model.vocab_size=4096", []),
+    "token id beyond vocab, stale meta": (lambda d: _out_of_vocab_ids(d, "val_000000.bin", "stale"),
+                                          "{d}/val_000000.bin: holds token id 5000, outside model.vocab_size=4096", []),
+}
+CLI_DATA_CASES = ("train shard missing", "truncated shard", "token id beyond vocab")
+
+
+@pytest.mark.parametrize("corrupt, prefix, words", [pytest.param(*DATA_CASES[k], id=k) for k in CLI_DATA_CASES])
 def test_bad_data_is_refused(kjv_dir, tmp_path, corrupt, prefix, words):
     d = tmp_path / "kjv"
     shutil.copytree(kjv_dir, d)

@@ -7,9 +7,12 @@ stderr, exit 2, no traceback, no files) at ~5 s per launch.
     .venv/bin/python -m pytest tests/test_refusals.py -q
 """
 
+import shutil
+
 import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
+from test_bad_input import CLI_DATA_CASES, DATA_CASES, snapshot
 
 from data.shards import DataError
 from harness.config.preflight import preflight
@@ -126,3 +129,18 @@ def test_refused_before_compute_in_one_line_naming_the_key(kjv_dir, tmp_path, ov
 def test_an_accepted_override_passes_the_same_path(kjv_dir, tmp_path):
     """The harness's refusal path is not refusing everything: a valid override reaches a prepared run."""
     assert refusal(tmp_path / "run", "optimizer.lr=0.002") is None
+
+
+@pytest.mark.parametrize("case", [k for k in DATA_CASES if k not in CLI_DATA_CASES])
+def test_damaged_data_is_refused_and_left_as_it_was(kjv_dir, tmp_path, case):
+    """The data corruptions of tests/test_bad_input.py that are not launched there: refused in one line naming
+    the file (the loader checks every shard before any compute), the data directory untouched."""
+    corrupt, prefix, words = DATA_CASES[case]
+    d = tmp_path / "kjv"
+    shutil.copytree(kjv_dir, d)
+    corrupt(d)
+    before = snapshot(d)
+    message = refusal(tmp_path / "run", f"data.dir={d}")
+    assert message is not None and "\n" not in message, message
+    assert message.startswith(prefix.format(d=d)) and all(w in message for w in words), message
+    assert snapshot(d) == before
