@@ -161,7 +161,15 @@ def test_wandb_offline_logs_and_failure_keeps_local_records(kjv_dir, tmp_path, m
     assert json.loads((tmp_path / "on" / "summary.json").read_text())["steps"] == 12
 
 
+# Both fail since protocol v2 set AdamW's default lr to torch's 1e-3 (1457257): bench_micro ends at 5.264 (the bar
+# 4.996) and bench_tiny at 4.453 (the bar 4.3), measured 2026-12-01 at a93ec65 and at e63e8f5 alike. The workload
+# issue (20) replaces these workloads; strict, so the day they pass again the marks must go.
+WORKLOAD_ISSUE = pytest.mark.xfail(strict=True, reason="AdamW at its a-priori lr 1e-3 learns these workloads too "
+                                   "slowly for their old bars; the standard benchmark of issue 20 replaces them")
+
+
 @pytest.mark.slow  # ~12 s; the workload issue replaces these workloads (`make test-all` runs it)
+@WORKLOAD_ISSUE
 def test_bench_workload_learns_well_below_unigram_entropy(kjv_dir, tmp_path):
     """The `make bench` workload (bench_micro: GPT-2 micro, 200 steps x 1,024 tokens) with AdamW's defaults:
     the model must beat the best context-free predictor (unigram entropy, 6.0 nats) by more than 1 nat."""
@@ -172,6 +180,7 @@ def test_bench_workload_learns_well_below_unigram_entropy(kjv_dir, tmp_path):
 
 
 @pytest.mark.slow
+@WORKLOAD_ISSUE
 def test_full_bench_reaches_target(kjv_dir, tmp_path):
     run_train(tmp_path / "bench", "train.progress=false", experiment="bench_tiny")
     s = json.loads((tmp_path / "bench" / "summary.json").read_text())
