@@ -32,7 +32,8 @@ LOAD_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingE
 
 
 def tokenizer_file(run_dir: Path) -> Path | None:
-    """RUN_DIR/config.yaml -> data.dir/tokenizer.json, if both exist (relative dirs: from the repo root)."""
+    """RUN_DIR/config.yaml -> data.dir/tokenizer.json, if both exist (train.py records data.dir absolute; a relative
+    one, from records written before 2026-12-01, is taken from the repository root as those runs read it)."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         return None

@@ -70,6 +70,9 @@ def test_prepare_run_reads_a_relative_dir_from_the_cwd_with_the_same_workload_ha
     default, relative = prepared(), prepared("data.dir=mydata")
     assert (default.data.dir, relative.data.dir) == (str(kjv_dir), str(tmp_path / "work" / "mydata"))
     assert default.workload_hash == relative.workload_hash
+    # config.yaml (the resolved config) names the directory read, absolute: readers (export_hf, the report) need
+    # no working directory to find it
+    assert relative.resolved["data"]["dir"] == str(tmp_path / "work" / "mydata")
     assert str(REPO) not in json.dumps(default.workload) and "mydata" not in json.dumps(relative.workload)
 
 

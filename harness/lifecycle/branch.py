@@ -32,7 +32,8 @@ from harness.loop.schedule import lr_factor
 # and where it is written (hydra's keys are not in the resolved config; `name` labels the run directory).
 BRANCH_KEYS = ("train.max_steps", "train.ckpt_steps", "train.ckpt_every", "train.ckpt_keep", "train.ckpt_keep_final",
                "train.branch_from", "train.branch_step", "train.progress", "wandb", "name",
-               "bench.phase", "bench.trial")  # a benchmark's branch is its own phase and trial (bench/plan.py)
+               "bench.phase", "bench.trial",  # a benchmark's branch is its own phase and trial (bench/plan.py)
+               "data.dir", "data.prepare")  # where the data lives; what it holds is in the workload hash
 
 
 def parent_dir(cfg: Config) -> Path:

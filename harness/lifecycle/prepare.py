@@ -180,6 +180,7 @@ def _prepare(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: to
                              f"({done['workload_hash'][:12]}); results of different workloads are never mixed")
         return CompleteRun(run_dir, done)
     resolved = OmegaConf.to_container(dcfg, resolve=True)
+    resolved["data"]["dir"] = data_dir  # config.yaml names the directory read, absolute (readers need no cwd)
     branch = resume[1].get("branch") if resume is not None else None  # a branch's own checkpoint carries it
     if branch_start:
         branch = branching.check_parent(*resume, cfg, resolved, lambda c: workload_hash(workload_of(c, data)))
