@@ -41,7 +41,6 @@ import difflib
 import importlib
 import importlib.metadata
 import inspect
-import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,30 +48,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from optimizers.adamw import AdamWSpec
 from optimizers.groups import GROUPS, ParamSplit
+from optimizers.hparams import non_finite
 from optimizers.hybrid import aux_adamw, with_aux_adamw
 
 RESERVED = ("_params_", "_aux_", "_closure_", "_strict_")
 PARAMS = ("hidden", "all")
 CLOSURE = ("auto", True, False)
-
-
-def import_class(target: str) -> type:
-    """The object at the dotted path `target` (a module path, then attributes)."""
-    parts = target.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for name in parts[i:]:
-            obj = getattr(obj, name)
-        return obj
-    raise ImportError(f"cannot import {target!r}")
 
 
 def is_external(cls: Any) -> bool:
@@ -105,13 +92,6 @@ def _as_passed(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _as_passed(v) for k, v in value.items()}
     return value
-
-
-def _non_finite(value: Any) -> float | None:
-    if isinstance(value, float):
-        return None if math.isfinite(value) else value
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else ()
-    return next((bad for v in items if (bad := _non_finite(v)) is not None), None)
 
 
 def _recordable(value: Any) -> Any:
@@ -172,7 +152,7 @@ class ExternalSpec:
         return self.target.rpartition(".")[2]
 
     def optimizer_class(self) -> type:
-        return import_class(self.target)
+        return get_class(self.target)  # as harness/config/validate.py resolves `_target_`
 
     def needs_closure(self) -> bool:
         return step_requires_closure(self.optimizer_class()) is True if self.closure == "auto" else bool(self.closure)
@@ -199,10 +179,9 @@ class ExternalSpec:
         for k, p in named.items():
             if p.default is inspect.Parameter.empty and k not in self.kwargs:
                 raise ValueError(f"{key}.{k}: required by {self.target} (no default); set it in the YAML")
-        for k, v in self.kwargs.items():
-            bad = _non_finite(v)
-            if bad is not None:
-                raise ValueError(f"{key}.{k}: must be a finite number (got {bad})")
+        bad = non_finite(self.kwargs, key)
+        if bad:
+            raise ValueError(f"{bad[0]}: must be a finite number (got {bad[1]})")
         closure = step_requires_closure(cls)
         if self.closure is True and closure is None:
             raise ValueError(f"{key}._closure_: {self.target}.step takes no closure")

@@ -93,6 +93,22 @@ def validate(spec: Any, key: str = "optimizer") -> None:
             value.validate(f"{prefix}{f.name}")
 
 
+def non_finite(value: Any, key: str = "") -> tuple[str, float] | None:
+    """(dotted key, value) of the first NaN or infinite float in `value` (a config dataclass, a spec, dict or list,
+    walked in order), or None. No setting of a run means anything at inf or NaN (optimizer.lr=inf would
+    diverge at step 2)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key, value)
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = non_finite(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
 def param_group_defaults(spec: Any) -> dict[str, Any]:
     """The spec's param-group knobs, {name: value} in declaration order, lists as tuples (as torch keeps
     betas): the `defaults` of the optimizer it builds."""

@@ -20,7 +20,8 @@ MEASURED_MAX = {"adamw": 0.063, "muon": 0.18, "normuon": 0.18, "polargrad": 0.24
                 # the zoo (optimizers/external.py), 2026-12-01, three runs, 2 threads, load ~1: schedulefree_adamw
                 # 0.052-0.063, psgd_kron 0.57-0.68, shampoo 1.05-1.21 (two SVDs per matrix per step)
                 "schedulefree_adamw": 0.063, "psgd_kron": 0.68, "shampoo": 1.21}
-BOUND = {name: 5 * m for name, m in MEASURED_MAX.items()}  # a regression guard, not a measurement
+ZOO = ("schedulefree_adamw", "psgd_kron", "shampoo")  # measured on the AMD machine only (SVDs, einsums, eigh): 10x
+BOUND = {name: (10 if name in ZOO else 5) * m for name, m in MEASURED_MAX.items()}  # a regression guard only
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import typing
 from typing import Any
 
@@ -19,6 +18,7 @@ from harness.config.schema import Config, ConfigError
 from harness.loop.schedule import SCHEDULES
 from optimizers.adamw import AdamWSpec
 from optimizers.external import RESERVED, ExternalSpec, arguments, is_external
+from optimizers.hparams import non_finite
 from runtime.distributed import world_size
 
 # train.on_*: the first value is a standalone run's (refuse, raise), the second a benchmark's
@@ -76,22 +76,6 @@ def optimizer_keys(spec_cls: Any, path: str = "") -> list[str]:
     for part in [p for p in path.split(".") if p]:
         node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
-
-
-def non_finite(value: Any, key: str = "") -> tuple[str, float] | None:
-    """(dotted key, value) of the first NaN or infinite float in `value` (a config dataclass, dict or list,
-    walked in order), or None. No setting of a run means anything at inf or NaN (optimizer.lr=inf would
-    diverge at step 2)."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (key, value)
-    if dataclasses.is_dataclass(value):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    for k, v in items:
-        found = non_finite(v, f"{key}.{k}" if key else str(k))
-        if found:
-            return found
-    return None
 
 
 def validate(cfg: Config) -> Any:
