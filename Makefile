@@ -3,11 +3,11 @@
 # `make help` lists every target.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-DATA    := data/cache/kjv/meta.json
+DATA    := data/cache/kjv/meta.json data/cache/kjv512/meta.json
 ARGS    ?=
 NPROC   ?= 2
 
-.PHONY: help setup data bench bench-hour ddp perf gpu-check test test-all lint clean-venv
+.PHONY: help setup data bench bench-standard ladder ddp perf gpu-check test test-all lint clean-venv
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,16 +19,22 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (CPU torch 2.13.0)
 
-$(DATA): $(STAMP)
+data/cache/kjv/meta.json: $(STAMP)
 	$(PY) -m data.prepare kjv --out data/cache/kjv --vocab-size 4096 --num-proc 2
 
-data: $(DATA)  ## prepare the embedded KJV corpus (tokenizer + shards, offline, cached)
+data/cache/kjv512/meta.json: $(STAMP)
+	$(PY) -m data.prepare kjv --out data/cache/kjv512 --vocab-size 512 --num-proc 2
+
+data: $(DATA)  ## prepare the embedded KJV corpus at vocabularies 4096 and 512 (tokenizer + shards, offline, cached)
 
 bench: $(DATA)  ## the default benchmark (protocol v2): 9 methods + 2 variants, 5 trials x 2 knobs, 3 paired seeds x 3 budgets on GPT-2 micro, then the report
 	$(PY) scripts/bench.py tiny $(ARGS)
 
-bench-hour: $(DATA)  ## the hour-scale CPU benchmark (protocol v2): 9 methods + 2 variants, 7 trials, 5 seeds x 3 budgets on GPT-2 tiny
-	$(PY) scripts/bench.py cpu_hour $(ARGS)
+bench-standard: $(DATA)  ## the standard CPU benchmark (protocol v2, ~3-4 h on 2 cores, resumable): 7 methods, 5 trials x 2 knobs, 5 paired seeds x 3 budgets on GPT-2 2x128, KJV-512
+	$(PY) scripts/bench.py standard $(ARGS)
+
+ladder: $(DATA)  ## the CPU scaling ladder (resumable): AdamW, Muon, NorMuon, PolarGrad at 4 sizes, 10 tokens/parameter; its top rung is bench-standard's
+	$(PY) scripts/ladder.py cpu $(ARGS)
 
 perf: $(DATA)  ## step-cost benchmark on the CPU-small preset (~4 min): results/perf/cpu_small.{json,md}
 	$(PY) scripts/perf.py cpu_small $(ARGS)

@@ -72,7 +72,7 @@ def train(run: PreparedRun, optimizer_choice: str | None = None, overrides: tupl
                 with state.train.paused(), state.diagnostics.running():
                     diag.before_step(step)
             closure = step_closure(opt, lambda s=step: forward_backward(run, model, s))  # None: no member needs one
-            with state.optimizer.running():  # optimizer.step() alone, closures included: protocol.md's ratio
+            with state.optimizer.running():  # optimizer.step() alone, closures included: docs/protocol.md's ratio
                 if step == 1:
                     with FlopCounterMode(display=False) as counter:
                         opt.step(closure)
@@ -109,7 +109,7 @@ def train(run: PreparedRun, optimizer_choice: str | None = None, overrides: tupl
         if t.on_crash == "raise":
             raise
         # train.on_crash=record (benchmarks): a run that crashes (e.g. a failed decomposition) is recorded as
-        # failed and counts in the tuning budget instead of stopping the sweep (protocol.md rule 6)
+        # failed and counts in the tuning budget instead of stopping the sweep (docs/protocol.md rule 6)
         traceback.print_exc()
         failure = f"error: {e.__class__.__name__}: {str(e)[:200]}"
     state.train.pause()

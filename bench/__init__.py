@@ -1,4 +1,4 @@
-"""The benchmark engine (protocol.md v2), one module per step of the protocol.
+"""The benchmark engine (docs/protocol.md v2), one module per step of the protocol.
 
     declaration.py  the typed benchmark declaration (conf/bench/*.yaml): workload, budgets, shared group,
                     every arm's search space with sources, search, seeds, target rule; checked before any run
@@ -13,6 +13,10 @@
     analysis.py     the numbers of a report from bench.json and the records; summary.json
     report.py       report.md / report.html / runs.csv (render.py: Markdown and HTML; plots.py: figures;
                     diagnostics.py: the diagnostics section)
+    rungs.py        a scaling ladder's declaration (conf/ladder/*.yaml): one base benchmark at >= 3 model sizes,
+                    budgets from a fixed tokens per non-embedding parameter; each rung a benchmark directory
+    ladder.py       the ladder's fit (speedup over the reference against log10 N, paired bootstrap over seeds),
+                    summary.json, report.md / report.html, plots/speedup_vs_size.png
 
-Command lines: scripts/bench.py (run) and scripts/report.py (rebuild the report).
+Command lines: scripts/bench.py (run), scripts/ladder.py (run a ladder) and scripts/report.py (rebuild a report).
 """

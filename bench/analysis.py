@@ -1,4 +1,4 @@
-"""A benchmark's numbers, from bench.json and the run records alone (protocol.md v2), and `summary.json`.
+"""A benchmark's numbers, from bench.json and the run records alone (docs/protocol.md v2), and `summary.json`.
 
 Per arm: the search trials and the expected best-of-k curve, the local-optimality certificate, end-of-schedule
 losses at every budget on every fresh seed, the loss-vs-budget curve (median over seeds), steps to target on
@@ -160,6 +160,32 @@ def workload_info(runs: list[RunRecord], bench: dict) -> tuple[dict[str, Any], A
             "seq_len": int(cfg.train.seq_len), "data": cfg.data.name}, cfg
 
 
+# What a workload must meet to measure optimization rather than n-gram counting in the embedding table
+MIN_NON_EMBEDDING_SHARE = 0.75
+MIN_TOKENS_PER_PARAM = 10.0
+
+
+def workload_checks(workload: dict[str, Any], ref_loss: float | None, base: dict | None) -> list[dict[str, Any]]:
+    """The workload against the bars of a benchmark that measures optimization: non-embedding parameters
+    (Kaplan's count: no token or position embedding) >= 75% of the model, >= 10 tokens per non-embedding
+    parameter at the full budget, the reference's end-of-schedule loss below the trigram baseline on the same
+    validation tokens; the epoch count is stated, not barred."""
+    share = workload["non_embedding_params"] / workload["n_params"]
+    per_param = workload["budgets"][-1] * workload["tokens_per_step"] / workload["non_embedding_params"]
+    trigram = (base or {}).get("trigram")
+    beats = None if ref_loss is None or trigram is None or not math.isfinite(ref_loss) else ref_loss < trigram
+    return [
+        {"check": "non-embedding share of the parameters", "value": share, "bar": f">= {MIN_NON_EMBEDDING_SHARE:.0%}",
+         "ok": share >= MIN_NON_EMBEDDING_SHARE},
+        {"check": "tokens per non-embedding parameter (full budget)", "value": per_param,
+         "bar": f">= {MIN_TOKENS_PER_PARAM:g}", "ok": per_param >= MIN_TOKENS_PER_PARAM},
+        {"check": "reference's end-of-schedule loss (median) vs the trigram", "value": ref_loss,
+         "bar": f"< {trigram:.4f}" if trigram is not None else "< trigram (not computed)", "ok": beats},
+        {"check": "epochs of the training tokens (full budget)", "value": workload.get("epochs"), "bar": "stated",
+         "ok": None},
+    ]
+
+
 def ngram_lines(cfg) -> dict[str, Any] | None:
     from omegaconf import OmegaConf
 
@@ -174,6 +200,13 @@ def ngram_lines(cfg) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return baselines(data, int(cfg.train.seq_len), int(cfg.train.eval_batch_size))
+
+
+def code_label(code: dict[str, Any]) -> str:
+    """A run's code version as reports group it: the hash of the code's tree (documents, tests and results
+    left out, harness/lifecycle/records.py), else the commit; `-dirty` for uncommitted code changes."""
+    tag = code.get("tree") or code.get("commit") or "unknown"
+    return tag[:12] + ("-dirty" if code.get("dirty") else "")
 
 
 def analyze(bench_dir: Path | str, runs: list[RunRecord]) -> dict[str, Any]:
@@ -236,10 +269,14 @@ def analyze(bench_dir: Path | str, runs: list[RunRecord]) -> dict[str, Any]:
         d = a.get("data_equivalent_speedup")
         if d and d["extrapolated"]:
             flags.append(f"{name}: its data-equivalent speedup is extrapolated beyond the reference's budgets")
-    codes = sorted({(r.env.get("code") or {}).get("commit", "unknown")[:12]
-                    + ("-dirty" if (r.env.get("code") or {}).get("dirty") else "") for r in runs})
+    checks = workload_checks(workload, ref["end_loss"]["median"] if ref["end_loss"] else None, base)
+    failed = [c["check"] for c in checks if c["ok"] is False]
+    if failed:
+        flags.append("the workload misses the bars of a benchmark that measures optimization (" + "; ".join(failed)
+                     + "): read its differences as differences in learning n-gram statistics")
+    codes = sorted({code_label(r.env.get("code") or {}) for r in runs})
     return {"bench": bench, "arms": arms, "tests": tests, "target": target, "baselines": base,
-            "workload": workload, "flags": flags, "code_versions": codes, "reference": ref_name,
+            "workload": workload, "workload_checks": checks, "flags": flags, "code_versions": codes, "reference": ref_name,
             "muon_reference": muon, "few_seeds": min((a["n_seeds"] for a in arms.values()), default=0) < FEW_SEEDS}
 
 
@@ -268,7 +305,8 @@ def summary(analysis: dict[str, Any]) -> dict[str, Any]:
             "state_ratio": a.get("state_ratio")}
     base = analysis["baselines"] or {}
     return {"protocol": 2, "bench": b["name"], "code_versions": analysis["code_versions"],
-            "workload": analysis["workload"],
+            "workload": analysis["workload"], "workload_checks": analysis["workload_checks"],
+            "precision": b.get("precision_probe"),
             "baselines": {k: base.get(k) for k in ("unigram", "bigram", "trigram")},
             "hybrid": b.get("hybrid_used"), "hybrid_source": b["hybrid"].get("source"),
             "hybrid_chosen_by": (b.get("hybrid_chosen") or {}).get("by"),

@@ -1,4 +1,4 @@
-"""A benchmark declaration (conf/bench/<name>.yaml), typed and checked before any run (protocol.md v2).
+"""A benchmark declaration (conf/bench/<name>.yaml), typed and checked before any run (docs/protocol.md v2).
 
 A declaration fixes, before anything runs: the workload (an experiment plus overrides, the step budgets, the
 shared hybrid group), every arm's search space (each knob with its default, range, grid step and source), the
@@ -137,8 +137,12 @@ class BenchConfig:
     logger: str = "wandb"  # conf/logger: wandb (offline without an API key) | none
     diagnostics: dict[str, Any] = field(default_factory=dict)  # a diag phase (harness/probes/diagnostics.py); {} = none
     arms: dict[str, ArmConfig] = field(default_factory=dict)
+    # every run's train.precision; None = the experiment's. auto on a CPU: measured once, before any run, on the
+    # workload's model (harness/lifecycle/precision.py), kept in bench.json and passed to every run
+    precision: str | None = None
     # resolved at load from the composed experiment (not declared): the schedule and whether budgets branch
     schedule: dict[str, Any] = field(default_factory=dict)
+    precision_used: str | None = None  # resolved by bench/run.py: the train.precision every run gets
 
     @property
     def full_budget(self) -> int:
@@ -200,17 +204,22 @@ def load_bench(name_or_path: str, **cli: Any) -> BenchConfig:
     return bench
 
 
-def composed_schedule(b: BenchConfig) -> dict[str, Any]:
-    """The workload's schedule as Hydra composes it (experiment + overrides)."""
+def composed(b: BenchConfig, *extra: str):
+    """The workload's config as Hydra composes it (experiment + overrides + `extra`)."""
     from harness.config.schema import register_configs
 
     register_configs()
-    overrides = configs.with_user_dirs([f"experiment={b.experiment}", *b.overrides, "logger=none"])
+    overrides = configs.with_user_dirs([f"experiment={b.experiment}", *b.overrides, "logger=none", *extra])
     try:
         with initialize_config_dir(config_dir=str(configs.CONF), version_base="1.3", job_name="bench"):
-            cfg = compose("config", overrides=overrides)
+            return compose("config", overrides=overrides)
     except Exception as e:  # noqa: BLE001 - Hydra raises several types; the first line names the problem
         raise BenchError(f"bench.overrides: the workload does not compose ({str(e).splitlines()[0]})") from None
+
+
+def composed_schedule(b: BenchConfig) -> dict[str, Any]:
+    """The workload's schedule as Hydra composes it (experiment + overrides)."""
+    cfg = composed(b)
     sched = OmegaConf.to_container(cfg.schedule, resolve=True)
     if sched.get("name") == "wsd" and sched.get("warmup_steps") is None and sched.get("warmup_frac", 0):
         raise BenchError("bench.overrides: a WSD workload branches its budgets from one run, so its warmup must be "
@@ -230,6 +239,8 @@ def validate(b: BenchConfig) -> None:
         _fail("launcher", f"{b.launcher!r} is not one of {', '.join(LAUNCHERS)}")
     if b.jobs < 1 or b.threads < 0:
         _fail("jobs", "must be >= 1 (and bench.threads >= 0)")
+    if b.precision not in (None, "auto", "fp32", "bf16"):
+        _fail("precision", f"{b.precision!r} is not auto, fp32 or bf16")
     if b.search.method not in SEARCHES:
         _fail("search.method", f"{b.search.method!r} is not one of {', '.join(SEARCHES)}")
     if b.search.trials < 2:
@@ -346,4 +357,4 @@ def workload_fields(b: BenchConfig) -> dict[str, Any]:
     """What makes two benchmark directories comparable: refused when any of these differ."""
     return {"experiment": b.experiment, "overrides": list(b.overrides), "budgets": list(b.budgets),
             "hybrid": asdict(b.hybrid), "tune_hybrid_lr": b.tune_hybrid_lr, "search": asdict(b.search),
-            "tuning_seed": b.tuning_seed}
+            "tuning_seed": b.tuning_seed, **({"precision": b.precision} if b.precision else {})}

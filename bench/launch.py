@@ -38,7 +38,8 @@ def hydra_command(b: BenchConfig, out: Path, names: list[str]) -> list[str]:
            *searchpath, f"+trial={','.join(names)}",
            f"hydra.sweep.dir={out.resolve() / 'runs'}", "hydra.sweep.subdir=${bench.phase}/${bench.arm}/${bench.trial}",
            "train.on_complete=skip", "train.on_broken=move_aside", "train.on_crash=record", "train.progress=false", "train.save_final=false",
-           f"train.threads={b.threads}", f"logger={b.logger}"]
+           f"train.threads={b.threads}", f"logger={b.logger}",
+           *([f"train.precision={b.precision_used}"] if b.precision_used else [])]
     if b.launcher == "joblib":
         cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={b.jobs}"]
     elif b.launcher == "slurm":

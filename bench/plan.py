@@ -1,4 +1,4 @@
-"""The runs of a benchmark, phase by phase, and the Hydra trial config of each (protocol.md v2).
+"""The runs of a benchmark, phase by phase, and the Hydra trial config of each (docs/protocol.md v2).
 
     tune    every arm's search trials at the full budget on the tuning seed (runs/tune/<arm>/<setting id>)
     cert    the chosen setting's grid neighbours the search did not run: the certificate, outside the budget

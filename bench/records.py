@@ -47,7 +47,7 @@ class RunRecord:
 
     @property
     def final_loss(self) -> float:
-        """Final validation loss; +inf for a diverged run (it ranks last, protocol.md rule 6)."""
+        """Final validation loss; +inf for a diverged run (it ranks last, docs/protocol.md rule 6)."""
         return math.inf if self.diverged else float(self.summary["final_val_loss"])
 
     @property

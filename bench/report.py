@@ -49,7 +49,7 @@ def setting_str(setting: dict | None) -> str:
 
 
 def speedup_cell(a: dict, is_ref: bool, headline: bool = False) -> str:
-    """The data-equivalent speedup; in the headline an extrapolated one is not quoted (protocol.md)."""
+    """The data-equivalent speedup; in the headline an extrapolated one is not quoted (docs/protocol.md)."""
     if is_ref:
         return "1 (reference)"
     d = a.get("data_equivalent_speedup")
@@ -107,9 +107,19 @@ def protocol_lines(analysis: dict) -> list[str]:
         + ("cooldown branches of each seed's full-budget run (WSD)." if b.get("schedule", {}).get("name") == "wsd"
            else "one run per budget."),
         f"Target {fmt(analysis['target']['loss'])}: {analysis['target']['rule']}.",
+        precision_line(b.get("precision_probe")),
         f"Code: {', '.join(analysis['code_versions'])}" + (" (several versions: see the runs)"
                                                            if len(analysis["code_versions"]) > 1 else "."),
     ]
+
+
+def precision_line(probe: dict | None) -> str:
+    if not probe:
+        return "Precision: the experiment's, fixed (no probe recorded)."
+    r = probe["tokens_per_s"]
+    return (f"Precision: {probe['choice']} for every run, measured once before any run (train.precision=auto: "
+            f"forward+backward of the workload's model at {r['fp32']:,.0f} tokens/s in fp32, {r['bf16']:,.0f} in "
+            f"bf16 autocast, {probe.get('threads', '?')} thread(s); bf16 needs {probe['margin']}x).")
 
 
 def tuning_blocks(analysis: dict) -> list[tuple]:
@@ -173,6 +183,10 @@ def report_blocks(analysis: dict, runs: list[RunRecord], plots: dict[str, Path],
     blocks += [("p", ("n-gram baselines on the same validation tokens (counted on the training shard, interpolated "
                      f"Kneser-Ney): unigram {fmt(base.get('unigram'))}, bigram {fmt(base.get('bigram'))}, trigram "
                      f"{fmt(base.get('trigram'))} nats/token."))]
+    blocks += [("table", ["workload check", "value", "bar", "met"], [
+        [c["check"], fmt(c["value"], ".1%" if "share" in c["check"] else ".2f" if c["value"] is None or c["value"] > 5
+                         else ".4f"), c["bar"], {True: "yes", False: "NO", None: "-"}[c["ok"]]]
+        for c in analysis["workload_checks"]])]
     blocks += [("h2", "Protocol"), ("ul", protocol_lines(analysis)),
                ("h2", "Loss vs budget (median over seeds)"), ("table", *budget_table(analysis)),
                ("h2", "Paired comparisons (every test of this report, Holm-adjusted together)"),

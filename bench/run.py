@@ -1,4 +1,4 @@
-"""A benchmark end to end (protocol.md v2): search every arm at an equal budget, certify the choices, re-run
+"""A benchmark end to end (docs/protocol.md v2): search every arm at an equal budget, certify the choices, re-run
 them on fresh paired seeds at every budget, then build the report. `scripts/bench.py` is its command line.
 
 Every step is recomputed from the declaration and the records on disk, so a benchmark that is re-launched
@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.declaration import BenchConfig, BenchError, declaration, workload_fields
+from bench.declaration import BenchConfig, BenchError, composed, declaration, workload_fields
 from bench.launch import launch
 from bench.plan import PlannedRun, branch_runs, recorded_loss, seed_runs
 from bench.search import certificate_points, coordinate_rounds, qmc_points, setting_id
@@ -45,10 +45,43 @@ def open_bench_dir(b: BenchConfig, out: Path) -> dict[str, Any]:
             if prev and any(prev[k] != a[k] for k in ("space", "set", "optimizer", "variant_of", "whole_model")):
                 raise BenchError(f"{out}: arm {arm!r} was run with another declaration; use --out")
         decl["created"] = old.get("created")
+        if "precision_probe" in old:  # measured once: a resumed benchmark never re-measures
+            decl["precision_probe"] = old["precision_probe"]
     out.mkdir(parents=True, exist_ok=True)
     decl.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     decl["command"] = " ".join(sys.argv)
     return decl
+
+
+def bench_precision(b: BenchConfig, decl: dict[str, Any]) -> str | None:
+    """The train.precision every run of the benchmark gets. `auto` (declared, or the experiment's) on a CPU
+    launcher: measured here once on the workload's model (harness/lifecycle/precision.py), recorded in
+    bench.json as `precision_probe` and reused by every later launch of this directory. SLURM runs resolve
+    `auto` on their own GPU (bf16 autocast where supported)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from harness.lifecycle import precision
+    from models import ModelConfig
+
+    if "precision_probe" in decl:
+        return decl["precision_probe"]["choice"]
+    cfg = composed(b, *([f"train.precision={b.precision}"] if b.precision else []))
+    t = cfg.train
+    if t.precision != "auto" or b.launcher == "slurm" or torch.cuda.is_available():
+        return None if t.precision == "auto" else t.precision
+    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(b.threads or threads)  # the runs' own thread count
+    try:
+        probe = precision.probe(model, int(t.micro_batch_size), int(t.seq_len), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    decl["precision_probe"] = {**probe, "threads": b.threads or threads}
+    r = probe["tokens_per_s"]
+    print(f"precision auto: {probe['choice']} (fp32 {r['fp32']:,.0f}, bf16 {r['bf16']:,.0f} tokens/s forward+backward; "
+          f"bf16 needs {probe['margin']}x)", flush=True)
+    return probe["choice"]
 
 
 def _tune_run(b: BenchConfig, arm: str, setting: dict[str, Any], tie: bool) -> PlannedRun:
@@ -92,7 +125,7 @@ def tune_trials(b: BenchConfig, out: Path, arm: str) -> list[tuple[dict[str, Any
 
 
 def choose(b: BenchConfig, out: Path, arm: str) -> dict[str, Any] | None:
-    """protocol.md rule 3: the best trial by end-of-schedule loss at the full budget on the tuning seed (diverged
+    """docs/protocol.md rule 3: the best trial by end-of-schedule loss at the full budget on the tuning seed (diverged
     trials rank last; ties by trial id). None when every trial diverged or is missing."""
     scored = [(loss, setting_id(s), s) for s, loss in tune_trials(b, out, arm) if loss is not None
               and math.isfinite(loss)]
@@ -116,6 +149,8 @@ def run_benchmark(b: BenchConfig, out: Path, dry_run: bool = False) -> dict[str,
     decl = open_bench_dir(b, out) if not dry_run else declaration(b)
     hybrid = {k: v for k, v in asdict(b.hybrid).items() if k not in ("source", "from_reference")}
     save = (lambda: None) if dry_run else (lambda: atomic_write_json(out / "bench.json", decl))
+    if not dry_run:
+        b.precision_used = bench_precision(b, decl)
     save()
     searched = [a for a in b.arms if not b.arms[a].inherit]
     if b.hybrid.from_reference:  # the reference's own tuning picks the shared group, frozen for every other arm

@@ -1,4 +1,4 @@
-"""The tuning search, identical for every arm (protocol.md v2, "the controlled budget").
+"""The tuning search, identical for every arm (docs/protocol.md v2, "the controlled budget").
 
 Both methods are pure functions of the declaration and of the losses already recorded, so a benchmark that is
 re-launched recomputes the same trials and runs only the missing ones.

@@ -8,7 +8,7 @@
     loop/       the training loop's parts: the lr schedule and evaluation steps (schedule.py), the loop's
                 state, clocks and divergence watch (state.py)
     probes/     what looks inside a run without changing it: layer-input hooks for optimizers that ask for
-                them (hooks.py), the diagnostics of protocol.md (diagnostics.py)
+                them (hooks.py), the diagnostics of docs/protocol.md (diagnostics.py)
 
 Below it, runtime/ (device, processes, atomic files); beside it, optimizers/, models/ and data/, which it
 builds on and which never import it. Above it, train.py, the bench/ engine and scripts/.

@@ -1,7 +1,7 @@
 """PC layer (polynomial weight preconditioning): a linear layer whose forward uses W_eff = γ · s · f(W / s).
 
 Wang et al., "PC Layer: Polynomial Weight Preconditioning for Improving LLM Pre-Training", arXiv:2606.06470
-(code: github.com/Empath-aln/PC-layer, torchtitan/pc_layer/pc_layer.py); design/optimizers.md section 6.
+(code: github.com/Empath-aln/PC-layer, torchtitan/pc_layer/pc_layer.py); docs/optimizers.md section 6.
 s ≈ σ_max(W) is a warm-started power-iteration estimate and f(σ) = σ p(σ²) a fixed odd polynomial with
 f(1) = 1 that lifts small singular values toward 1, so each wrapped matrix acts better conditioned. The
 optimizer still updates the raw W, which keeps its role (Muon orthogonalizes W's gradient); γ is a learnable

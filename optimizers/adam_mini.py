@@ -1,7 +1,7 @@
 """Adam-mini (Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", arXiv:2406.16793): Adam with
 the full first moment m but one second-moment scalar v_b per block of parameters, so the optimizer state is
 about half of AdamW's. Here on every parameter group, with the v1.1 partition of the reference code
-(github.com/zyushun/Adam-mini, adam_mini.py 1.1.1; optimizers.md 4.3), taken from the declared roles:
+(github.com/zyushun/Adam-mini, adam_mini.py 1.1.1; docs/optimizers.md 4.3), taken from the declared roles:
 
     attn_q, attn_k          one block per attention head (a GQA key has n_kv_head blocks)
     attn_qkv                [q; k; v] rows: q and k per head, v per row (GPT-2's fused projection)
@@ -13,7 +13,7 @@ about half of AdamW's. Here on every parameter group, with the v1.1 partition of
     bias                    one block per element (full Adam), as the v1.1 reference code does
     anything else           one block per tensor (norm gains, future scalars such as a PC gain)
 
-The reference matches parameter *names* by substring, which misreads fused projections (optimizers.md 4.7);
+The reference matches parameter *names* by substring, which misreads fused projections (docs/optimizers.md 4.7);
 roles make the partition explicit, and a head layout that does not fit the rows is an error. The position
 embedding follows the reference by default: on the authors' GPT-2 example its name `transformer.wpe` matches
 none of the reference's name lists (the embedding names are "embed", "embd", "wte"), so 1.1.1 puts it in the
@@ -22,7 +22,7 @@ the adam-mini 1.1.1 package. That follows from the name matching rather than fro
 option pos_embed="row" (optimizer.pos_embed=row) treats the table like the token embedding, one block per
 row, for an ablation.
 
-Update per block b (optimizers.md 4.2), lr eta, betas (beta1, beta2), weight decay lambda, step t:
+Update per block b (docs/optimizers.md 4.2), lr eta, betas (beta1, beta2), weight decay lambda, step t:
 
     W <- W (1 - eta lambda)                            (decoupled; not on gains and biases)
     m <- beta1 m + (1 - beta1) g
@@ -111,7 +111,7 @@ def rule_name(role: str, granularity: str = "block", pos_embed: str = "tensor") 
 
 def adam_mini_update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, blocks: Blocks,
                      step: int, lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
-    """One Adam-mini step of one tensor (optimizers.md 4.2), in place on p, m (p's shape) and v (one scalar
+    """One Adam-mini step of one tensor (docs/optimizers.md 4.2), in place on p, m (p's shape) and v (one scalar
     per block, in `blocks` order); `step` counts this update (1 for the first). The operations follow
     torch's single-tensor AdamW in order, so one block per element reproduces AdamW (to rounding)."""
     beta1, beta2 = betas

@@ -1,7 +1,7 @@
 """Lion (Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675, NeurIPS 2023) on
 every parameter group: the sign of an interpolated momentum, so every coordinate moves by exactly lr.
 
-Per tensor W with gradient g, lr eta, betas (b1, b2), weight decay lambda (optimizers.md 7; the paper's
+Per tensor W with gradient g, lr eta, betas (b1, b2), weight decay lambda (docs/optimizers.md 7; the paper's
 Program 1 and lucidrains/lion-pytorch 0.2.5, whose operations and their order this follows, so that the two
 are bit-identical on identical gradients, tests/test_lion.py):
 

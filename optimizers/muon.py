@@ -2,13 +2,13 @@
 momentum, then the momentum's polar factor (Newton-Schulz by default) as the update of each hidden matrix;
 an auxiliary AdamW takes embeddings, head and gains (optimizers/hybrid.py).
 
-Update per m x n matrix W with gradient G (optimizers.md 1.2), lr eta, momentum beta, weight decay lambda:
+Update per m x n matrix W with gradient G (docs/optimizers.md 1.2), lr eta, momentum beta, weight decay lambda:
 
     M <- beta M + (1 - beta) G;   U = lerp(G, M, beta)  (Nesterov; U = M without)
     O = orthogonalize(U)          (ns | polar_express | qdwh | svd, optimizers/ortho.py)
     W <- W (1 - eta lambda) - eta s(m, n) O
 
-with the shape scale s (optimizers.md 1.3): "keller" sqrt(max(1, m/n)) (update RMS 1/sqrt(n) = 1/sqrt(fan_in)),
+with the shape scale s (docs/optimizers.md 1.3): "keller" sqrt(max(1, m/n)) (update RMS 1/sqrt(n) = 1/sqrt(fan_in)),
 "moonlight" 0.2 sqrt(max(m, n)) (update RMS 0.2, reuses AdamW's lr), "spectral" sqrt(m/n) (Dion / muP).
 
 A parameter holding several matrices (GPT-2's fused [q; k; v], a group's "row_blocks", optimizers/groups.py)
@@ -53,7 +53,7 @@ SCALES = {
 
 
 def scale_factor(shape: torch.Size | tuple[int, int], scale: str) -> float:
-    """The shape-dependent multiplier of the orthogonalized update, by convention name (optimizers.md 1.3)."""
+    """The shape-dependent multiplier of the orthogonalized update, by convention name (docs/optimizers.md 1.3)."""
     return SCALES[scale](shape[-2], shape[-1])
 
 
@@ -139,7 +139,7 @@ class MuonSpec(Spec):
     weight_decay: float = knob(0.0, ge=0)  # decoupled: W <- W (1 - lr * weight_decay), Keller's default
     ns_steps: int = knob(5, ge=1)  # back-end iterations (QDWH: the maximum)
     backend: str = knob("ns", choices=METHODS)  # ns | polar_express | qdwh | qdwh_ns | svd
-    scale: str = knob("keller", choices=tuple(SCALES))  # keller | moonlight | spectral (optimizers.md 1.3)
+    scale: str = knob("keller", choices=tuple(SCALES))  # keller | moonlight | spectral (docs/optimizers.md 1.3)
     # NS dtype: auto (bf16 where measured fast) | fp32 | bf16 | fp64
     dtype: str = knob("auto", check=dtype_problem)
     # GPT-2's fused c_attn: split (Q, K, V orthogonalized apart) | fused (one 3d x d matrix)

@@ -1,6 +1,6 @@
 """Newton-Muon (Du & Su, "The Newton-Muon Optimizer", arXiv:2604.01472): Muon on each hidden matrix's raw
 gradient right-multiplied by the damped inverse of an EMA of its layer-input second moment, G <- G K^-1
-(optimizers.md 3.3; reference: zhehangdu/Newton-Muon and modded-nanogpt track 3 record #15).
+(docs/optimizers.md 3.3; reference: zhehangdu/Newton-Muon and modded-nanogpt track 3 record #15).
 
 For a weight W (m x n, y = W x) with inputs Z (n x N tokens), per refresh step ((step+1) % k == 0):
 
@@ -200,7 +200,7 @@ class NewtonMuon(Muon):
 @dataclass
 class NewtonMuonSpec(MuonSpec):
     # Muon's fields and defaults (lr, momentum, nesterov, weight_decay, ns_steps, backend, scale, dtype, qkv,
-    # aux) plus the preconditioner's: Newton-Muon-1 of optimizers.md 3.3 (measured:
+    # aux) plus the preconditioner's: Newton-Muon-1 of docs/optimizers.md 3.3 (measured:
     # conf/optimizer/newton_muon.yaml). The first four are the optimizer's (self.spec), block_wide per group.
     optimizer_class: ClassVar[type[Muon]] = NewtonMuon
     # k: statistics and K^-1 refreshed when (step + 1) % k == 0

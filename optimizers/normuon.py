@@ -1,7 +1,7 @@
 """NorMuon (Li, Liu, Liang, Chen & Zhao 2025, arXiv:2510.05491): Muon whose orthogonalized update is
 re-balanced across output neurons by an Adam-like second moment of each row.
 
-Per m x n matrix, after O = orthogonalize(Nesterov momentum) as in Muon (optimizers.md 5.2):
+Per m x n matrix, after O = orthogonalize(Nesterov momentum) as in Muon (docs/optimizers.md 5.2):
 
     r_i = mean_j O_ij^2                     per-row mean square (row = output neuron of an (out, in) weight)
     v  <- beta2 v + (1 - beta2) r           fp32, starts at 0, no bias correction

@@ -28,10 +28,10 @@ import torch.distributed as dist
 from runtime.device import bf16_is_fast
 
 # Keller Jordan's NS5 coefficients: a steep slope at 0 (3.4445) bought by not converging to 1; after 5 steps
-# [0.01, 1] maps into ~[0.68, 1.13] (optimizers.md 1.2), which his experiments found harmless.
+# [0.01, 1] maps into ~[0.68, 1.13] (docs/optimizers.md 1.2), which his experiments found harmless.
 KELLER = (3.4445, -4.7750, 2.0315)
 
-# Polar Express paper list (l = 1e-3, cushion 0.02; optimizers.md 1.8), raw values: the safety factor is
+# Polar Express paper list (l = 1e-3, cushion 0.02; docs/optimizers.md 1.8), raw values: the safety factor is
 # applied in polar_express(). The last triple is the classical convergent quintic, repeated past the list.
 POLAR_EXPRESS_COEFFS = (
     (8.28721201814563, -23.595886519098837, 17.300387312530933),
@@ -94,7 +94,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs: tuple[float, float, f
                   eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Keller Jordan's Newton-Schulz quintic, `steps` times with fixed (a, b, c); returns `dtype`.
 
-    The result is ~U S' V^T with S' in ~[0.68, 1.13] for singular values >= 1% of ||G||_F (optimizers.md 1.2).
+    The result is ~U S' V^T with S' in ~[0.68, 1.13] for singular values >= 1% of ||G||_F (docs/optimizers.md 1.2).
     """
     return _odd_quintic_iteration(G, [tuple(coeffs)] * steps, 1.0, eps, dtype)
 

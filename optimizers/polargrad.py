@@ -3,13 +3,13 @@ Preconditioning Perspective", arXiv:2505.21799) on the hidden matrices, AdamW on
 
 Muon steps along polar(M) with a length set by lr and the shape; PolarGrad scales that step by the nuclear
 norm ||M||_* = <M, polar(M)> (the dual norm of the spectral norm: steepest descent without normalisation),
-with no shape factor and no Nesterov (reference: timlautk/polargrad polar_grad.py; optimizers.md 2.3):
+with no shape factor and no Nesterov (reference: timlautk/polargrad polar_grad.py; docs/optimizers.md 2.3):
 
     momentum-first (default):  M <- beta M + (1-beta) G;  U = polar(M);  W <- (1-lr wd) W - lr <M,U> U
     polar-first:               U = polar(G);  nu = <G,U>;  M <- beta M + (1-beta) U;  W <- (1-lr wd) W - lr nu M
 
 The step length is proportional to ||M||_*, which depends on the gradient's scale, the matrix sizes and the
-training phase, so no published lr transfers (the reference's scripts span 1e-8 to 50; optimizers.md 2.6).
+training phase, so no published lr transfers (the reference's scripts span 1e-8 to 50; docs/optimizers.md 2.6).
 The harness therefore states its lr by an a-priori rule (lr_scale="muon_at_init", the spec's default): lr is
 given on Muon's scale, and on the first step the optimizer fixes the calibration c so that PolarGrad's
 first update at lr has, over all hidden matrices together, the Frobenius norm of Muon's first update at that
@@ -62,7 +62,7 @@ def polargrad_updates(grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor
 
     `polar` maps a list of matrices to their polar factors (one batched call per shape). The nuclear norm
     is <X, polar(X)> = tr(H) for X = U H (reference code: sum(X * U)), so no SVD is needed; with an inexact
-    polar factor (NS, Polar Express in bf16) it is only approximate (optimizers.md 2.6).
+    polar factor (NS, Polar Express in bf16) it is only approximate (docs/optimizers.md 2.6).
     """
     if polar_first:
         out = []

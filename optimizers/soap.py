@@ -3,7 +3,7 @@ Shampoo using Adam", arXiv:2409.11321, ICLR 2025): Adam run in the eigenbasis of
 the hidden matrices; an auxiliary AdamW takes embeddings, head and gains/biases (optimizers/hybrid.py).
 
 Per m x n matrix W with gradient G, lr eta, betas (b1, b2), eps, weight decay lambda, frequency f; the
-state follows the reference code (nikhilvyas/SOAP soap.py, optimizers.md 7):
+state follows the reference code (nikhilvyas/SOAP soap.py, docs/optimizers.md 7):
 
     first call:  L = (1 - b2) G G^T,  R = (1 - b2) G^T G,  Q_L, Q_R = their eigenbases;  W is not moved
                  (not even decayed): "so that we never use the current gradients in the projection"

@@ -1,7 +1,7 @@
-"""Run a controlled-budget benchmark (protocol.md v2) end to end: `make bench` runs `python scripts/bench.py tiny`.
+"""Run a controlled-budget benchmark (docs/protocol.md v2) end to end: `make bench` runs `python scripts/bench.py tiny`.
 
     python scripts/bench.py tiny                          # conf/bench/tiny.yaml -> results/bench_tiny/
-    python scripts/bench.py cpu_hour --launcher joblib --jobs 2 --threads 1
+    python scripts/bench.py standard --launcher joblib --jobs 2 --threads 1   # the standard CPU benchmark, ~3.5 h
     python scripts/bench.py gpt2_124m_fineweb --launcher slurm      # conf/hydra/launcher/slurm.yaml
     python scripts/bench.py tiny --dry-run                # the declaration checked, the first runs listed
 

@@ -1,7 +1,7 @@
 """A synthetic protocol-v2 benchmark directory for the report tests (tests/test_analysis.py, tests/test_report.py,
 tests/test_report_diagnostics.py), laid out exactly like scripts/bench.py's (bench.json and
 runs/<phase>/<arm>/<trial>/ with config.yaml, env.json, metrics.jsonl, summary.json), with losses chosen here so
-that every number the tests assert is computed by hand (protocol.md v2 definitions).
+that every number the tests assert is computed by hand (docs/protocol.md v2 definitions).
 
 The main benchmark: budgets 100, 200, 400 (WSD: seed runs at 400, cooldown branches at 100 and 200), seeds
 1-4, coordinate search with 3 trials per arm, the reference adamw, muon (the Muon reference), normuon (a Muon

@@ -1,4 +1,4 @@
-"""Adam-mini against its reference maths (optimizers.md 4.2-4.3, check 8.7) on a hand-made example, and
+"""Adam-mini against its reference maths (docs/optimizers.md 4.2-4.3, check 8.7) on a hand-made example, and
 against the reference package (adam-mini 1.1.1, a dev dependency) on the tiny GPT-2 (fused QKV) and the tiny
 Llama with grouped-query attention: the number of second-moment scalars per tensor and five steps; the
 measured state size vs AdamW, AdamW when every entry is a block, loss, save/load, seed."""
@@ -153,7 +153,7 @@ def reference_params(model, cfg):
     separate d x d wq, wk, wv are the row blocks [q; k; v] of our fused c_attn (its bias cut the same way; the
     example has no attention biases, and the package treats any name with "bias" as full Adam) and whose wo is
     our attn.c_proj. Under our names the package would recognise nothing in c_attn and give it one v
-    (optimizers.md 4.7)."""
+    (docs/optimizers.md 4.7)."""
     d, out = cfg.d_model, []
     for name, p in model.named_parameters():
         if cfg.family == "gpt2" and ".attn.c_attn." in name:
@@ -300,7 +300,7 @@ def test_five_steps_match_the_reference_package(family):
 
 
 def test_update_against_the_equations():
-    # optimizers.md 4.2 written out with explicit row ranges: a 4 x 6 query of 2 heads (head_dim 2) and a fused
+    # docs/optimizers.md 4.2 written out with explicit row ranges: a 4 x 6 query of 2 heads (head_dim 2) and a fused
     # 12 x 6 [q; k; v] of the same layout (2 q heads, 2 k heads, 4 v rows). Small gradients and eps 1e-4 make
     # eps's place (outside the bias-corrected sqrt) visible. fp64; ours (lerp, torch ops) and the formulas
     # round differently; per step t, with eps64 and the tensor's largest |W|, |update|, |m| or |G|:

@@ -1,4 +1,4 @@
-"""Lion against its equations (optimizers.md 7; Chen et al. 2023, Program 1) on hand-made tensors, against
+"""Lion against its equations (docs/optimizers.md 7; Chen et al. 2023, Program 1) on hand-made tensors, against
 the reference package lion-pytorch 0.2.5 (a dev dependency) bit for bit, its parameter-group rules, and
 through the tiny GPT-2: it lowers the loss, its state survives save/load bit for bit, a seed fixes the
 result; a bad value in its YAML fails naming the key. Helpers from tests/test_muon.py."""

@@ -301,3 +301,84 @@ def test_training_loss_takes_the_fused_head(name):
     tol = rounding_tol(cfg.vocab_size + model_path_terms(cfg, t) + b * t, torch.float32)
     for (n, _), a, g in zip(model.named_parameters(), fused, torch.autograd.grad(plain, list(model.parameters()))):
         torch.testing.assert_close(a, g, rtol=tol, atol=tol * g.abs().max().item(), msg=n)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_under_bf16_autocast_equals_the_plain_one(x_dtype):
+    """Under CPU bf16 autocast head_and_loss takes LinearCrossEntropy with bf16 matmuls (logits None): loss and
+    the gradients of x (in x's dtype; GPT-2's LayerNorm and Llama's RMSNorm hand it fp32) and W (fp32) equal
+    autocast's F.linear + fp32 CrossEntropy (the plain head, under differentiable_loss()) over several chunks
+    (1,300 tokens x 4,096 words: 512, 512, 276); a frozen W gets none."""
+    model = build_model(TINY["gpt2"])  # head_and_loss only: x and W below are not the model's
+    g = torch.Generator().manual_seed(0)
+    b, t, c, v = 2, 650, 32, 4096
+    x = torch.randn(b, t, c, generator=g).to(x_dtype).requires_grad_(True)
+    W = (0.3 * torch.randn(v, c, generator=g)).requires_grad_(True)
+    y = torch.randint(0, v, (b, t), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, ours = model.head_and_loss(x, W, y)
+        with differentiable_loss():
+            z, ref = model.head_and_loss(x, W, y)
+    assert logits is None and type(ours.grad_fn).__name__ == "LinearCrossEntropyBackward"
+    assert z.dtype == torch.bfloat16 and ours.dtype == ref.dtype == torch.float32
+    assert ref.item() > 5  # not a degenerate comparison (log 4096 = 8.3)
+    # Both take the same bf16 logits (measured: the same bits) into fp32 arithmetic. Were a logit rounded to a
+    # neighbouring bf16 value by another kernel blocking (1 ulp <= eps_bf16 |z|), the mean over N rows of such
+    # random-signed moves stays below eps_bf16 max|z| / sqrt(N) = 1.5e-3; a row lost or counted twice moves the
+    # loss by ~loss / N = 7.5e-3.
+    eps = torch.finfo(torch.bfloat16).eps
+    n = b * t
+    assert ours.item() == pytest.approx(ref.item(), abs=eps * z.abs().max().item() / math.sqrt(n))
+    # dx = e W and dW = e^T x: bf16 operands, bf16 results. Each side rounds each entry to bf16 (<= eps_bf16 / 2
+    # of it; ours rounds dW per chunk and sums in fp32), and an entry of e, whose fp32 value differs in its last
+    # bits between the two softmaxes, may round to the neighbouring bf16 value on one side (eps_bf16 of that
+    # product): 2 eps_bf16 = 1.6% of each tensor's largest entry (measured 0.25 and 0.5 eps_bf16, 2-core AMD
+    # EPYC). A chunk-boundary bug moves a row of dx by its whole size, dW by >= 21% (a chunk of 276 dropped).
+    grads = zip("xW", torch.autograd.grad(ours, (x, W)), torch.autograd.grad(ref, (x, W)), (x_dtype, torch.float32))
+    for name, a, r, dtype in grads:
+        assert a.dtype == r.dtype == dtype, name
+        torch.testing.assert_close(a, r, rtol=2 * eps, atol=2 * eps * r.abs().max().item(), msg=name)
+    frozen = W.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ours = model.head_and_loss(x, frozen, y)
+        with differentiable_loss():
+            _, ref = model.head_and_loss(x, frozen, y)
+    assert type(ours.grad_fn).__name__ == "LinearCrossEntropyBackward"
+    (gx,), (gx_ref,) = torch.autograd.grad(ours, (x,)), torch.autograd.grad(ref, (x,))
+    torch.testing.assert_close(gx, gx_ref, rtol=2 * eps, atol=2 * eps * gx_ref.abs().max().item())
+
+
+def test_bf16_training_with_the_fused_head_follows_the_plain_one(monkeypatch):
+    """GPT-2 (2 layers) trained 4 SGD steps under CPU bf16 autocast: the fused bf16 head (LinearCrossEntropy)
+    gives the losses of the plain head (fused_head_applies patched to False: F.linear + fp32 CrossEntropy)."""
+    import models.base
+
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 4096, (5, 129), generator=g)  # 640 tokens: chunks of 512 and 128
+
+    def train() -> list[float]:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(n_layer=2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits, loss = model(idx[:, :-1], idx[:, 1:])
+            assert (logits is None) == (type(loss.grad_fn).__name__ == "LinearCrossEntropyBackward")
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append((logits is None, loss.item()))
+        return losses
+
+    fused = train()
+    monkeypatch.setattr(models.base, "fused_head_applies", lambda x, weight: False)
+    plain = train()
+    assert all(f for f, _ in fused) and not any(f for f, _ in plain)
+    fused, plain = [loss for _, loss in fused], [loss for _, loss in plain]
+    assert fused[0] - fused[-1] > 0.2  # it trains: 8.34 -> 8.01
+    # The heads round the gradient in bf16 differently (test above), and every later step then rounds
+    # differently too: bf16 autocast's own noise, which moves these losses from fp32 training's by up to
+    # 2.9e-4 (measured; fused vs plain: 1.3e-4, 2-core AMD EPYC). 1e-3 is 3x that; a head gradient 10% off
+    # (dx) or 20% off (dW) moves them by >= 3.6e-3.
+    assert fused == pytest.approx(plain, abs=1e-3)

@@ -1,4 +1,4 @@
-"""Muon against its reference maths (optimizers.md 1.2-1.6 and checks 8.2-8.4) and, with its auxiliary AdamW
+"""Muon against its reference maths (docs/optimizers.md 1.2-1.6 and checks 8.2-8.4) and, with its auxiliary AdamW
 (a CombinedOptimizer), on the tiny GPT-2: it lowers the loss, its state survives save/load bit for bit, and a
 seed fixes the result.
 
@@ -33,7 +33,7 @@ def rms(X):
 
 @pytest.mark.parametrize("m, n", [(256, 64), (64, 256), (128, 128)])
 def test_update_rms_per_scale_convention(m, n):
-    # optimizers.md 8.2: exact polar factor (svd) of a full-rank m x n matrix has RMS 1/sqrt(max(m, n)).
+    # docs/optimizers.md 8.2: exact polar factor (svd) of a full-rank m x n matrix has RMS 1/sqrt(max(m, n)).
     G = gaussian(m, n, dtype=torch.float64)
 
     def update(scale):  # momentum 0, no Nesterov: the update is s(m, n) polar(G)
@@ -63,7 +63,7 @@ def ns_scale_gain(s, steps=5):
 
 @pytest.mark.parametrize("backend", ["svd", "ns"])
 def test_ema_and_sum_momentum_give_the_same_direction(backend):
-    # optimizers.md 1.2 / 8.3: EMA buffer = (1 - beta) x sum buffer, and polar() ignores a positive factor;
+    # docs/optimizers.md 1.2 / 8.3: EMA buffer = (1 - beta) x sum buffer, and polar() ignores a positive factor;
     # NS differs only through its 1e-7 in the normalization (fp64 here, so no bf16 noise). Bound per step:
     # - NS's X / (||X||_F + 1e-7) scales the two inputs (norms (1 - beta) ||U|| and ||U||) differently, by
     #   delta = 1e-7 beta / ((1 - beta) ||U||) relative, which moves the output by <= ns_scale_gain(s) delta

@@ -1,4 +1,4 @@
-"""Newton-Muon against its reference maths (optimizers.md 3.3, check 6 of section 8): plain Muon until the
+"""Newton-Muon against its reference maths (docs/optimizers.md 3.3, check 6 of section 8): plain Muon until the
 first refresh, G K^-1 against torch.linalg.solve after it, the block-diagonal path, shared inputs and
 micro-batch averaging, the harness's hook path on GPT-2 and Llama, and the optimizer contract."""
 

@@ -1,4 +1,4 @@
-"""NorMuon's row normalization against the official code's maths (optimizers.md 5.2, check 8.8) and NorMuon
+"""NorMuon's row normalization against the official code's maths (docs/optimizers.md 5.2, check 8.8) and NorMuon
 with its auxiliary AdamW on the tiny GPT-2 (loss, save/load, seed), with the helpers of tests/test_muon.py."""
 
 import dataclasses

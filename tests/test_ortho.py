@@ -1,4 +1,4 @@
-"""The shared orthogonalization back-ends against their scalar maps and the SVD polar factor (optimizers.md
+"""The shared orthogonalization back-ends against their scalar maps and the SVD polar factor (docs/optimizers.md
 section 8.1), the batched helper against one-by-one calls, and the measured dtype choice."""
 
 import inspect
@@ -45,14 +45,14 @@ def pe_scalar(x: torch.Tensor, steps: int, safety: float = 1.01) -> torch.Tensor
 
 
 def test_ns5_scalar_map_range():
-    # optimizers.md 1.2: Keller's coefficients deliberately stop in ~[0.68, 1.13], never converging to 1
+    # docs/optimizers.md 1.2: Keller's coefficients deliberately stop in ~[0.68, 1.13], never converging to 1
     y = quintic(torch.logspace(-2, 0, 4001, dtype=torch.float64), [KELLER] * 5)
     assert 0.68 <= y.min().item() < 0.69 and 1.13 < y.max().item() <= 1.135
 
 
 @pytest.mark.parametrize("steps, lo, hi", [(5, 0.84, 1.124), (8, 1 - 1e-12, 1 + 1e-12)])
 def test_polar_express_scalar_map_range(steps, lo, hi):
-    # optimizers.md 1.8: [0.84, 1.12] after 5 steps (measured max 1.1236), 1.0000 after 8, for sigma >= 1e-3
+    # docs/optimizers.md 1.8: [0.84, 1.12] after 5 steps (measured max 1.1236), 1.0000 after 8, for sigma >= 1e-3
     y = pe_scalar(torch.logspace(-3, 0, 4001, dtype=torch.float64) / 1.01, steps)
     assert lo <= y.min().item() and y.max().item() <= hi
 

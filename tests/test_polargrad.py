@@ -1,4 +1,4 @@
-"""PolarGrad against its reference maths (optimizers.md 2.3, check 5 of section 8): the nuclear norm as
+"""PolarGrad against its reference maths (docs/optimizers.md 2.3, check 5 of section 8): the nuclear norm as
 <M, polar(M)>, one and two steps of both rules against an fp64 SVD reference, every back-end, and the
 optimizer contract (lowers a loss, state round trip, determinism)."""
 
@@ -40,7 +40,7 @@ def test_nuclear_norm_is_inner_product_with_qdwh_polar(shape):
 
 
 def reference_steps(W, grads, lr, momentum, wd, extra, polar_first):
-    """The update rules of optimizers.md 2.3 in fp64 with the SVD polar factor: W after each step."""
+    """The update rules of docs/optimizers.md 2.3 in fp64 with the SVD polar factor: W after each step."""
     W, M, out = W.double().clone(), torch.zeros_like(W, dtype=torch.float64), []
     for G in grads:
         G = G.double()
@@ -80,9 +80,9 @@ def test_each_step_matches_svd_reference(polar_first, dtype):
 
 
 # The scalar map's range: where each back-end sends the singular values of G / ||G||_F (all >= `floor`).
-# Exact back-ends: 1 to rounding (Polar Express 8 steps: within 4e-15 of 1 on [1e-3, 1], optimizers.md 8.1);
+# Exact back-ends: 1 to rounding (Polar Express 8 steps: within 4e-15 of 1 on [1e-3, 1], docs/optimizers.md 8.1);
 # Polar Express 5 steps maps [1e-3, 1] into [0.840, 1.124], Keller's NS5 [0.01, 1] into [0.682, 1.134]
-# (optimizers.md 1.2; these are the fp64 maps' extremes). qdwh_ns is not converged either (small singular
+# (docs/optimizers.md 1.2; these are the fp64 maps' extremes). qdwh_ns is not converged either (small singular
 # values under-mapped); its check is against the same recipe in fp64, in tests/test_ortho.py.
 EXACT = (1.0, 1.0, 0.0)
 

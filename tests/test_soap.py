@@ -1,4 +1,4 @@
-"""SOAP against its equations (optimizers.md 7; nikhilvyas/SOAP soap.py) on small matrices, with an explicit
+"""SOAP against its equations (docs/optimizers.md 7; nikhilvyas/SOAP soap.py) on small matrices, with an explicit
 fp64 reference that keeps M in the original space and computes every basis with torch.linalg.eigh; Adam
 when no side is rotated; the eigh fallback; and with its auxiliary AdamW on the tiny GPT-2: it lowers the
 loss, its state survives save/load bit for bit, a seed fixes the result; a bad value in its YAML fails naming

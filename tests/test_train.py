@@ -64,7 +64,7 @@ def test_run_writes_self_describing_records(smoke_run):
 
     env = json.loads((run_dir / "env.json").read_text())
     assert env["libraries"]["torch"].startswith("2.13") and env["world_size"] == 1
-    assert set(env["code"]) == {"commit", "dirty", "diff_sha256"}
+    assert set(env["code"]) == {"commit", "tree", "dirty", "diff_sha256"}
     assert env["workload_hash"] == summary["workload_hash"]
     assert "model" in proc.stdout and "param groups" in proc.stdout
     (done,) = [line for line in proc.stdout.splitlines() if line.startswith("done: ")]
@@ -247,3 +247,40 @@ def test_benchmark_outputs_do_not_make_the_code_dirty():
         for f in out.iterdir():
             f.unlink()
         out.rmdir()
+
+
+def test_documents_and_tests_are_not_the_code_version(tmp_path):
+    """A commit that touches only documents, tests or results keeps the code's `tree` hash (a long benchmark stays
+    one code version while its documentation is written); a code file changes it. Checked in a scratch clone."""
+    import shutil
+    import subprocess
+
+    from harness.lifecycle import records
+
+    repo = tmp_path / "repo"
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True)
+    (repo / "docs").mkdir(parents=True)
+    (repo / "tests").mkdir()
+    (repo / "train.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "0")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "code")
+    old_repo = records.REPO
+    records.REPO = repo
+    try:
+        first = records.code_version()
+        for name in ("docs/a.md", "tests/test_x.py", "README.md"):
+            (repo / name).write_text("new\n")
+        assert records.code_version()["dirty"] is False  # uncommitted documents are not dirty code
+        git("add", ".")
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "docs")
+        second = records.code_version()
+        assert second["commit"] != first["commit"] and second["tree"] == first["tree"]
+        (repo / "train.py").write_text("x = 2\n")
+        assert records.code_version()["dirty"] is True
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "code 2")
+        assert records.code_version()["tree"] != first["tree"]
+    finally:
+        records.REPO = old_repo
+        shutil.rmtree(repo)

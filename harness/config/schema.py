@@ -41,7 +41,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     target_loss: float | None = None  # validation loss defining steps/tokens/time to target
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA; on a CPU timed: harness/lifecycle/precision.py) | fp32 | bf16
     compile: bool | None = None  # torch.compile the model; None = on for CUDA, off on CPU
     log_every: int = 1  # steps between metrics lines
     progress: bool = True  # tqdm progress bar
@@ -58,7 +58,7 @@ class TrainConfig:
     on_broken: str = "refuse"
     on_crash: str = "raise"  # an exception in the loop: raise | record (a failed run, counted as diverged)
     # A training loss above diverge_factor x the step-0 validation loss (or a non-finite one) ends the run as
-    # diverged (protocol.md: blown-up runs count as diverged, steps to target infinite).
+    # diverged (docs/protocol.md: blown-up runs count as diverged, steps to target infinite).
     diverge_factor: float = 1.5
     # ... for this many consecutive steps (a non-finite loss ends the run at once)
     diverge_patience: int = 5

@@ -23,6 +23,7 @@ from harness.config.schema import Config, to_typed
 from harness.config.validate import validate
 from harness.lifecycle import branch as branching
 from harness.lifecycle import checkpoint
+from harness.lifecycle import precision as precision_choice
 from harness.lifecycle.checkpoint import CheckpointError
 from harness.lifecycle.records import workload_hash
 from harness.lifecycle.rundir import RunLock, SetupError, check_run_dir, complete_summary, move_aside
@@ -34,7 +35,6 @@ from optimizers import external
 from optimizers.external import ExternalOptimizer
 from optimizers.groups import ParamSplit, split_parameters
 from optimizers.hybrid import CombinedOptimizer, build_optimizer
-from runtime.device import resolve_precision
 from runtime.distributed import Dist, init, world_size
 
 
@@ -76,6 +76,7 @@ class PreparedRun:
     dist: Dist = field(default_factory=Dist)  # rank, world size, collectives (runtime/distributed.py)
     lock: RunLock | None = None  # held by rank 0 while the run writes its directory
     diagnostics: Diagnostics | None = None  # diagnostics.every > 0, rank 0 only (harness/probes/diagnostics.py)
+    precision_probe: dict[str, Any] | None = None  # train.precision=auto's measurement (harness/lifecycle/precision.py)
 
     @property
     def continues(self) -> bool:
@@ -92,7 +93,7 @@ class CompleteRun:
 
 
 def workload_of(cfg: Config, data: TokenData) -> dict[str, Any]:
-    """The fields that define a workload (protocol.md), the shared group's settings included: results are only
+    """The fields that define a workload (docs/protocol.md), the shared group's settings included: results are only
     compared within one. The PC layer's `model.pc_*` options are excluded: the PC layer is compared as a method
     on the same workload (its runs record pc_level in their summary)."""
     t = cfg.train
@@ -192,12 +193,16 @@ def _prepare(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: to
     if resume is not None:
         load_state(resume[0], resume[1], built.model, built.optimizer)
     grad_accum = t.global_batch_size // (t.micro_batch_size * dist.world)
-    precision = resolve_precision(t.precision, device)
+    # auto on a CPU: timed on this model (harness/lifecycle/precision.py); a continued run or branch keeps its own
+    precision, precision_probe = precision_choice.choose(
+        t.precision, device, cfg.model, t.micro_batch_size, t.seq_len,
+        resume[0].parent.parent if resume is not None else None, dist.world)
     diagnostics = None
     if cfg.diagnostics.every and dist.is_rank0:  # rank 0 probes its own replica (DDP); FSDP is refused above
         diagnostics = Diagnostics(cfg.diagnostics, built.model, built.split, built.optimizer, data, t, grad_accum,
                                   device, precision, run_dir / "diagnostics.jsonl", rank=dist.rank, world=dist.world)
     return PreparedRun(cfg=cfg, resolved=resolved, run_dir=run_dir, device=device, precision=precision,
+                       precision_probe=precision_probe,
                        compile=device.type == "cuda" if t.compile is None else t.compile, data=data,
                        model=built.model, split=built.split, optimizer=built.optimizer, input_hooks=built.input_hooks,
                        grad_accum=grad_accum, tokens_per_step=t.global_batch_size * t.seq_len,

@@ -50,6 +50,7 @@ class Recorder:
             env = environment(run.device, {
                 "world_size": run.dist.world, "precision": run.precision, "compile": run.compile,
                 "matmul_gflops": self.rates, "workload_hash": run.workload_hash, "overrides": overrides,
+                **({"precision_probe": run.precision_probe} if run.precision_probe else {}),
                 **({"branch": run.branch} if run.branch_start else {})})
         atomic_write_json(run.run_dir / "env.json", env)
         print(banner(run), flush=True)
@@ -112,7 +113,7 @@ def run_summary(run: PreparedRun, state: LoopState, recorder: Recorder, failure:
     cfg, model, opt, t = run.cfg, run.model, run.optimizer, run.cfg.train
     fpt = model.flops_per_token(t.seq_len)
     # Per step: the model's training FLOPs (6N + attention per token; PC layers' weight polynomials per
-    # forward, x3 for forward + backward, per micro-batch) plus the optimizer's own matmuls (protocol.md).
+    # forward, x3 for forward + backward, per micro-batch) plus the optimizer's own matmuls (docs/protocol.md).
     model_flops_step = run.tokens_per_step * fpt + 3 * run.grad_accum * model.pc_flops_per_forward()
     flops_step = model_flops_step + state.opt_flops
     train_time, opt_time = state.train.seconds, state.optimizer.seconds

@@ -35,15 +35,27 @@ def _git(*args: str) -> str | None:
         return None
 
 
+# What a run executes: everything but run outputs and committed reports, documents and tests (a commit that only
+# touches those leaves the code's version, `tree`, unchanged, so a long benchmark stays one code version)
+CODE_PATHS = ("--", ".", ":(exclude)results", ":(exclude)docs", ":(exclude)tests", ":(exclude)*.md")
+
+
+def _not_code(path: str) -> bool:
+    return path.split("/", 1)[0] in ("results", "docs", "tests") or path.endswith(".md")
+
+
 def code_version() -> dict[str, Any]:
-    """Commit, dirty flag and a hash of the uncommitted diff (tracked and untracked files)."""
+    """Commit, `tree` (a hash of the committed code's file list and blob ids, CODE_PATHS), dirty flag and a hash
+    of the uncommitted diff of the code (tracked and untracked files)."""
     commit = _git("rev-parse", "HEAD")
     if commit is None:
-        return {"commit": None, "dirty": None, "diff_sha256": None}
-    code = ("--", ".", ":(exclude)results")  # run outputs and committed reports are not code changes
-    status = _git("status", "--porcelain", *code) or ""
-    diff = (_git("diff", "HEAD", *code) or "") + (_git("ls-files", "--others", "--exclude-standard", *code) or "")
-    return {"commit": commit.strip(), "dirty": bool(status.strip()),
+        return {"commit": None, "tree": None, "dirty": None, "diff_sha256": None}
+    tree = "".join(line + "\n" for line in (_git("ls-tree", "-r", "HEAD") or "").splitlines()  # no pathspec magic
+                   if not _not_code(line.split("\t", 1)[-1]))
+    status = _git("status", "--porcelain", *CODE_PATHS) or ""
+    diff = (_git("diff", "HEAD", *CODE_PATHS) or "") + (_git("ls-files", "--others", "--exclude-standard",
+                                                             *CODE_PATHS) or "")
+    return {"commit": commit.strip(), "tree": hashlib.sha256(tree.encode()).hexdigest(), "dirty": bool(status.strip()),
             "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if status.strip() else None}
 
 
@@ -110,7 +122,7 @@ class MetricsLog:
 
 
 def state_bytes(optimizer) -> int:
-    """Measured bytes of every tensor in the optimizer's state (protocol.md: state memory vs AdamW's), nested
+    """Measured bytes of every tensor in the optimizer's state (docs/protocol.md: state memory vs AdamW's), nested
     ones included (PSGD-Kron keeps its factors in lists); a tensor held twice counts once."""
     seen: set[int] = set()
 

@@ -2,7 +2,7 @@
 
 One training clock runs from the first step to the last and is paused, explicitly, around what is not
 training (evaluation, diagnostics, checkpoints), the way modded-nanogpt times its records; the optimizer's
-step() has a clock of its own inside it (protocol.md: the optimizer's overhead), diagnostics one outside it.
+step() has a clock of its own inside it (docs/protocol.md: the optimizer's overhead), diagnostics one outside it.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Clock:
 @dataclass
 class LoopState:
     """Updates done, the clocks, the optimizer's matmul FLOPs per step (counted at step 1; decompositions are
-    not counted) and the divergence watch (protocol.md rule 6): a training loss above `blowup` = diverge_factor
+    not counted) and the divergence watch (docs/protocol.md rule 6): a training loss above `blowup` = diverge_factor
     x the initial loss for diverge_patience consecutive steps, or a non-finite one, ends the run."""
 
     device: torch.device

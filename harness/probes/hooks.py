@@ -5,7 +5,7 @@ An optimizer that wants inputs implements two methods:
     wants_inputs(step: int) -> bool            # step: 0-based index of the update about to be computed
     observe_input(weight: Parameter, x: Tensor)  # x: the (..., in_features) input of the layer using `weight`
 
-The harness owns the hooks (protocol.md: optimizers see only gradients and declared hooks): it registers
+The harness owns the hooks (docs/protocol.md: optimizers see only gradients and declared hooks): it registers
 one forward hook on every nn.Linear whose weight is a hidden matrix, and switches them on only for the
 micro-batches of a step for which the optimizer asked, so other steps and evaluation pay nothing.
 
