@@ -216,7 +216,7 @@ def qdwh_ns(G: torch.Tensor, steps: int = 2, dtype: torch.dtype | None = None,
     128x128, 512x128, 128x512; measured 2026-12-01): 2.7e-7 on Gaussian input, 6.0e-6 at condition number 1e4
     (both iterations in fp64, fp64_above=100: 7.0e-8 and 6.0e-6; the reference's form, an fp32 QR per
     iteration: 2.6e-7 and 1.6e-4). The first iteration's products in fp32 after an fp64 factorization reach
-    1.0e-3 at condition 1e4 (that iteration amplifies errors). Cost: README "Performance".
+    1.0e-3 at condition 1e4 (that iteration amplifies errors). Cost: docs/results.md, "Step cost".
     """
     X, work, wide = _qdwh_start(G, dtype)
     schedule = _qdwh_schedule(torch.finfo(work).eps, steps)

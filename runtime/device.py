@@ -3,7 +3,8 @@
 bf16 is not uniformly fast on CPUs: some run bf16 matmuls ~100x slower than fp32 (no native support,
 measured 1 vs 176 GFLOP/s), others (AVX512-BF16/AMX) faster. `matmul_rates()` measures both on the device
 once per process; `bf16_is_fast()` is what numerics that would run in bf16 on a GPU (e.g. Newton-Schulz)
-consult to pick their dtype. Autocast itself stays off on CPU unless asked for (train.precision=bf16).
+consult to pick their dtype. Whether the training forward runs under bf16 autocast is decided by timing the
+model itself (train.precision=auto, harness/lifecycle/precision.py), or set (fp32 | bf16).
 """
 
 from __future__ import annotations

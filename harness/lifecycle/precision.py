@@ -2,7 +2,8 @@
 
 Whether bf16 autocast pays on a CPU depends on the CPU and on the model: on one Intel Xeon (AMX) a 4-layer
 d_model 384 GPT-2 trained 2.3x faster in bf16 while the d_model 128 one was slower; on an AMD EPYC (AVX512-BF16)
-neither gained. So `auto` on a CPU times a few forward+backward passes of the model in both precisions (a copy
+small models gained nothing with the fp32-only fused head, and 1.07x-1.23x (two probes, 2026-12-01) of the
+standard benchmark's model with its bf16 counterpart (models/base.py). So `auto` on a CPU times a few forward+backward passes of the model in both precisions (a copy
 built from the same config, on a synthetic micro-batch of the run's shape, under a forked RNG: the run's own
 weights, data order and random state are untouched) and takes bf16 only when it is at least BF16_MARGIN times
 faster. On CUDA with bf16 support `auto` is bf16 autocast without a probe (the GPU default everywhere).

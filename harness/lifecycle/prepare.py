@@ -212,7 +212,7 @@ def _prepare(dcfg: DictConfig, cfg: Config, spec: Any, run_dir: Path, device: to
 
 
 def check_fsdp(cfg: Config, spec: Any) -> None:
-    """What train.parallel=fsdp does not support, refused before any compute (README: Multi-process)."""
+    """What train.parallel=fsdp does not support, refused before any compute (docs/distributed.md, "FSDP2")."""
     if not getattr(spec, "supports_fsdp", False):
         name = getattr(spec, "target", None) or type(spec).__name__.removesuffix("Spec")  # ExternalSpec: the class
         raise SetupError(f"optimizer: {name} does not run on FSDP-sharded parameters "
