@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.declaration import REPO, BenchConfig, BenchError
+from bench.declaration import LAUNCHERS, REPO, BenchConfig, BenchError
 from bench.plan import PlannedRun, trial_config
 from harness.config.search import with_user_dirs
 from harness.lifecycle.rundir import complete_summary
@@ -28,6 +28,19 @@ _PDEATHSIG = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal
 
 def with_parent(cmd: list[str]) -> list[str]:
     return [sys.executable, "-c", _PDEATHSIG, *cmd] if sys.platform.startswith("linux") else cmd
+
+
+def add_launch_options(p) -> None:
+    """--launcher, --jobs, --threads, --logger: how a benchmark's (or a ladder's) runs are launched, each
+    defaulting to the declaration's (scripts/bench.py, scripts/ladder.py)."""
+    p.add_argument("--launcher", choices=LAUNCHERS, help="how runs are launched (default: the declaration's "
+                   "launcher): basic = one after another on this machine, joblib = --jobs in parallel "
+                   "here, slurm = submitit jobs through conf/hydra/launcher/slurm.yaml")
+    p.add_argument("--jobs", type=int, help="parallel runs (joblib/slurm; default: the declaration's jobs)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: the declaration's; 0 = torch's "
+                   "default); parallel CPU runs want cores / jobs")
+    p.add_argument("--logger", choices=("wandb", "none"), help="per-run logging (default: the declaration's; wandb "
+                   "runs offline without an API key)")
 
 
 def hydra_command(b: BenchConfig, out: Path, names: list[str]) -> list[str]:

@@ -18,7 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `python scripts/bench.py`
 
-from bench.declaration import LAUNCHERS, BenchError, load_bench
+from bench.declaration import BenchError, load_bench
+from bench.launch import add_launch_options
 from bench.records import RecordError
 from bench.run import run_benchmark
 
@@ -32,14 +33,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("bench", help="a conf/bench/<name>.yaml name (see conf/bench/), or a path to a bench YAML")
     p.add_argument("--out", type=Path, help="benchmark directory (default results/bench_<name>/): the plan, "
                    "every run's records, report.md/.html and summary.json")
-    p.add_argument("--launcher", choices=LAUNCHERS, help="how runs are launched (default: the declaration's "
-                   "launcher): basic = one after another on this machine, joblib = --jobs in parallel "
-                   "here, slurm = submitit jobs through conf/hydra/launcher/slurm.yaml")
-    p.add_argument("--jobs", type=int, help="parallel runs (joblib/slurm; default: the declaration's jobs)")
-    p.add_argument("--threads", type=int, help="torch threads per run (default: the declaration's; 0 = torch's "
-                   "default); parallel CPU runs want cores / jobs")
-    p.add_argument("--logger", choices=("wandb", "none"), help="per-run logging (default: the declaration's; wandb "
-                   "runs offline without an API key)")
+    add_launch_options(p)
     p.add_argument("--dry-run", action="store_true", help="check the declaration, list the first runs, run nothing")
     p.add_argument("--no-report", action="store_true", help="run, but do not build the report (scripts/report.py "
                    "builds it later from the records)")

@@ -15,7 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `python scripts/ladder.py`
 
-from bench.declaration import LAUNCHERS, BenchError
+from bench.declaration import BenchError
+from bench.launch import add_launch_options
 from bench.records import RecordError
 from bench.rungs import Ladder, load_ladder, open_ladder_dir, plan_lines
 
@@ -30,12 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="ladder directory (default results/ladder_<name>/): ladder.json, a "
                    "benchmark directory per `set` rung, summary.json, report.md/.html, plots/ (a `bench` rung "
                    "stays in its own results/bench_<name>/)")
-    p.add_argument("--launcher", choices=LAUNCHERS, help="how runs are launched (default: the base declaration's): "
-                   "basic, joblib (--jobs in parallel here) or slurm (conf/hydra/launcher/slurm.yaml)")
-    p.add_argument("--jobs", type=int, help="parallel runs (joblib/slurm; default: the declaration's jobs)")
-    p.add_argument("--threads", type=int, help="torch threads per run (default: the declaration's; 0 = torch's "
-                   "default); parallel CPU runs want cores / jobs")
-    p.add_argument("--logger", choices=("wandb", "none"), help="per-run logging (default: the declaration's)")
+    add_launch_options(p)
     p.add_argument("--dry-run", action="store_true", help="check the declaration, print each rung's size, tokens, "
                    "budgets and relative cost and its first runs; run nothing")
     p.add_argument("--no-report", action="store_true", help="run, but build neither the rungs' reports nor the "
