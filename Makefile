@@ -30,7 +30,7 @@ data: $(DATA)  ## prepare the embedded KJV corpus at vocabularies 4096 and 512 (
 bench: $(DATA)  ## the default benchmark (protocol v2): 9 methods + 2 variants, 5 trials x 2 knobs, 3 paired seeds x 3 budgets on GPT-2 micro, then the report
 	$(PY) scripts/bench.py tiny $(ARGS)
 
-bench-standard: $(DATA)  ## the standard CPU benchmark (protocol v2, ~3.5 h on 2 cores, resumable): 7 methods, 5 trials x 2 knobs, 5 paired seeds x 3 budgets on GPT-2 2x128, KJV-512
+bench-standard: $(DATA)  ## the standard CPU benchmark (protocol v2, ~3.5-4 h on 2 cores, resumable): 7 methods + Muon+PC, 7 trials x 2 knobs, 5 paired seeds x 3 budgets on GPT-2 2x128, KJV-512
 	$(PY) scripts/bench.py standard $(ARGS)
 
 ladder: $(DATA)  ## the CPU scaling ladder (resumable): AdamW, Muon, NorMuon, PolarGrad at 4 sizes, 10 tokens/parameter; its top rung is bench-standard's
