@@ -210,3 +210,24 @@ def test_reference_certificate_runs_keep_the_tie(tmp_path):
         assert r.trial == setting_id({k: v for k, v in r.setting.items() if k.startswith("optimizer.")})
     assert all("hybrid.lr" not in r.setting for r in certificate_runs(
         b, tmp_path / "out", "muon", {"setting": {"optimizer.lr": 0.02, "optimizer.weight_decay": 0.1}}))
+
+
+def test_the_standard_workload_meets_the_static_bars_and_the_tiny_one_does_not():
+    """The two workload bars that need no run (bench/analysis.py workload_checks), on the shipped declarations'
+    composed models: the standard benchmark is 82.9% non-embedding (396,800 of 478,720: GPT-2, 2 layers x
+    (12 d^2 + 13 d) + 2 d at d 128) with 3,969,024 / 396,800 = 10.0 tokens per parameter; `make bench`'s tiny
+    workload misses the share (its report flags it)."""
+    from bench.analysis import workload_checks
+    from bench.declaration import composed
+    from bench.rungs import model_size
+
+    for name, share_ok in (("standard", True), ("tiny", False)):
+        b = load_bench(name)
+        size = model_size(composed(b))
+        w = {**size, "budgets": list(b.budgets), "epochs": None}
+        share, per_param, _, _ = workload_checks(w, None, None)
+        assert share["ok"] is share_ok and (name != "standard" or per_param["ok"] is True)
+        if name == "standard":
+            assert (size["n_params"], size["non_embedding_params"]) == (478_720, 396_800)
+            assert 2 * (12 * 128**2 + 13 * 128) + 2 * 128 == 396_800
+            assert per_param["value"] == pytest.approx(969 * 4096 / 396_800)
