@@ -14,6 +14,7 @@ of each rung's full budget for every rung (fit_budget), so that every point has 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -180,15 +181,49 @@ def read_ladder(ladder_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def committed_rung(d: Path) -> tuple[dict, dict, list[int]]:
+    """A rung read from its committed report alone (summary.json, runs.csv, bench.json): the checkout of a
+    fresh clone, which holds a benchmark's report but not its run records (.gitignore). Returns its summary,
+    arm -> budget -> seed -> end-of-schedule loss (inf: diverged) of the fresh-seed runs, and its seeds;
+    RecordError when a file is missing or runs.csv disagrees with summary.json's medians."""
+    paths = [d / n for n in ("summary.json", "runs.csv", "bench.json")]
+    if missing := [p.name for p in paths if not p.is_file()]:
+        raise RecordError(f"{d}: no run records and no committed report ({', '.join(missing)} missing)")
+    s = json.loads(paths[0].read_text())
+    losses: dict[str, dict[int, dict[int, float]]] = {}
+    with open(paths[1], newline="") as f:
+        for row in csv.DictReader(f):
+            if row["phase"] in ("seed", "branch"):
+                v = math.inf if row["diverged"] == "True" or not row["final_val_loss"] else float(row["final_val_loss"])
+                losses.setdefault(row["arm"], {}).setdefault(int(row["budget"]), {})[int(row["seed"])] = \
+                    v if math.isfinite(v) else math.inf
+    losses = {a: {b: dict(sorted(v.items())) for b, v in sorted(by.items())} for a, by in losses.items()}  # analyze's
+    for arm, a in s["arms"].items():  # the two files must be one report's: every arm's full-budget median
+        full = losses.get(arm, {}).get(max(s["workload"]["budgets"]), {})
+        got, want = median(full.values()), (a.get("end_loss") or {}).get("median")
+        got = None if got is not None and math.isinf(got) else got  # summary.json writes an infinite median as null
+        if (got is None) != (want is None) or (got is not None and want is not None and abs(got - want) > 1e-9):
+            raise RecordError(f"{d}: runs.csv's median end loss of {arm} ({got}) is not summary.json's ({want})")
+    return s, losses, list(json.loads(paths[2].read_text())["seeds"])
+
+
 def _rung(ladder_dir: Path, rec: dict, arms: list[str], ref: str) -> tuple[dict, RungLosses, list, list]:
     """One rung's entry of summary.json `sizes`, its losses for the fit, the ladder's flags about it and its
-    own report's flags; RecordError when its directory holds no complete seed run yet."""
+    own report's flags; RecordError when its directory holds no complete seed run yet. A rung whose directory
+    has no run records (runs/) is read from its committed report (committed_rung), and flagged."""
     d = (ladder_dir / rec["dir"]).resolve()
-    an = analyze(d, load_runs(d))
-    s = summary(an)
+    if (d / "runs").is_dir():
+        an = analyze(d, load_runs(d))
+        s = summary(an)
+        all_losses, seeds, source = {a: v["losses"] for a, v in an["arms"].items()}, list(an["bench"]["seeds"]), []
+    else:
+        s, all_losses, seeds = committed_rung(d)
+        an = {"reference": s["reference"], "flags": s.get("flags", [])}
+        source = [f"rung {rec['name']}: read from its committed report (summary.json, runs.csv): its run records "
+                  f"are not in this checkout"]
     if an["reference"] != ref:
         raise RecordError(f"{d}: its reference is {an['reference']!r}, the ladder's {ref!r}")
-    w, budgets = s["workload"], list(an["bench"]["budgets"])
+    w, budgets = s["workload"], list(s["workload"]["budgets"])
     n, tokens = int(w["non_embedding_params"]), round(budgets[-1] * w["tokens_per_step"])
     end = (s["arms"].get(ref) or {}).get("end_loss")
     ref_loss, tri = end and end["median"], (s["baselines"] or {}).get("trigram")
@@ -198,15 +233,15 @@ def _rung(ladder_dir: Path, rec: dict, arms: list[str], ref: str) -> tuple[dict,
              "reference_end_loss": ref_loss,
              "reference_beats_trigram": None if tri is None or ref_loss is None else ref_loss < tri,
              "arms": {a: s["arms"][a] for a in arms if a in s["arms"]}}
-    flags = []
+    flags = source
     if entry["reference_beats_trigram"] is False:
         flags.append(f"rung {rec['name']}: the reference ({ref}) ends at {ref_loss:.4f}, not below the trigram "
                      f"baseline {tri:.4f}: at this size the benchmark measures n-gram learning")
     if rec.get("non_embedding_params", n) != n:
         flags.append(f"rung {rec['name']}: its records' model has {n:,} non-embedding parameters, "
                      f"{LADDER_FILE} {rec['non_embedding_params']:,}")
-    losses = {a: an["arms"][a]["losses"] for a in [ref, *arms] if a in an["arms"]}
-    data = RungLosses(rec["name"], n, list(an["bench"]["seeds"]), budgets, losses)
+    losses = {a: all_losses[a] for a in [ref, *arms] if a in all_losses}
+    data = RungLosses(rec["name"], n, seeds, budgets, losses)
     return entry, data, flags, [f"rung {rec['name']}: {f}" for f in an["flags"]]
 
 
