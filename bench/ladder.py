@@ -219,8 +219,8 @@ def _rung(ladder_dir: Path, rec: dict, arms: list[str], ref: str) -> tuple[dict,
     else:
         s, all_losses, seeds = committed_rung(d)
         an = {"reference": s["reference"], "flags": s.get("flags", [])}
-        source = [f"rung {rec['name']}: read from its committed report (summary.json, runs.csv): its run records "
-                  f"are not in this checkout"]
+        source = [(f"rung {rec['name']}: read from its committed report (summary.json, runs.csv): its run records "
+                   "are not in this checkout")]
     if an["reference"] != ref:
         raise RecordError(f"{d}: its reference is {an['reference']!r}, the ladder's {ref!r}")
     w, budgets = s["workload"], list(s["workload"]["budgets"])
@@ -321,6 +321,21 @@ def reading(arm: str, f: dict, ref: str) -> str:
             + (f"; not above 1 (slower than {ref}: a rising speedup closes the gap)"
                if max(values) <= 1 and min(values) < 1 else "")
             + (". Extrapolated points: not a headline." if any(f["extrapolated"]) else "."))
+
+
+def regime_text(summ: dict) -> str | None:
+    """Said beside the answer when some rungs' reference ends above the trigram baseline: a trend through them
+    mixes model size with the n-gram regime (where the hidden matrices, which the matrix optimizers act on, carry
+    little of the loss), so the slope is then not a statement about scale alone."""
+    above = [s["rung"] for s in summ["sizes"] if s["reference_beats_trigram"] is False]
+    if not above:
+        return None
+    below = [s["rung"] for s in summ["sizes"] if s["reference_beats_trigram"]]
+    return (f"Read the slopes with care: at {', '.join(above)} ({len(above)} of {len(summ['sizes'])} rungs) the "
+            f"reference ends above the trigram baseline, so there the benchmark measures n-gram learning, and a "
+            f"trend fitted through those rungs mixes model size with that regime. "
+            + (f"Only {', '.join(below)} measure{'s' if len(below) == 1 else ''} optimization past it."
+               if below else "No rung measures optimization past it."))
 
 
 def marin_text(summ: dict) -> str:
@@ -437,6 +452,7 @@ def report_blocks(summ: dict, plot: Path, ladder_dir: Path) -> list[tuple]:
                f"{summ['tokens_per_param']:g} tokens per non-embedding parameter at the full budget, the "
                f"protocol of benchmark `{summ['base']}` at every rung.")),
         ("ul", [reading(a, f, summ["reference"]) for a, f in summ["fits"].items()] or ["no fit yet"]),
+        *([("p", r)] if (r := regime_text(summ)) else []),
         ("img", os.path.relpath(plot, ladder_dir), "speedup vs non-embedding parameters, fitted lines", plot)]
     blocks += [("warn", f) for f in summ["flags"]]
     blocks += [("h2", "Marin's reading"), ("p", marin_text(summ))] + tables(summ)

@@ -336,6 +336,8 @@ def test_report_reads_the_trend_and_flags_the_trigram(report):
     assert "Marin" in md and "below Marin's 130M-1.2B" in md
     s = json.loads(paths["summary"].read_text())
     assert [x["reference_beats_trigram"] for x in s["sizes"]] == [False, True, True]
+    assert ("Read the slopes with care: at d16 (1 of 3 rungs) the reference ends above the trigram baseline, so "
+            "there the benchmark measures n-gram learning") in md and "Only d32, d64 measure optimization" in md
     assert any(f.startswith("rung d16: the reference (adamw) ends at 3.8") for f in s["flags"])
     assert any(f.startswith("rung d128 is not in this report") for f in s["flags"])
     assert "NO (flagged)" in md and paths["plot_speedup_vs_size"].read_bytes()[:4] == b"\x89PNG"
