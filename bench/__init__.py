@@ -6,6 +6,7 @@
                     the local-optimality certificate's neighbours
     plan.py         the runs of each phase (tune, cert, seed, branch, diag) and their Hydra trial configs
     launch.py       a phase's missing runs as one Hydra multirun of train.py (basic, joblib or SLURM launcher)
+    supervise.py    the multirun's supervisor (Linux): it and every process it starts end when the driver dies
     run.py          a benchmark end to end (the phases in order, the choices), resumable from the records
     records.py      reading the run records back (RunRecord)
     stats.py        intervals, paired tests, Holm, detectable differences, best-of-k, crossings, speedups

@@ -2,9 +2,10 @@
 
 Per arm: the search trials and the expected best-of-k curve, the local-optimality certificate, end-of-schedule
 losses at every budget on every fresh seed, the loss-vs-budget curve (median over seeds), steps to target on
-it, the data-equivalent speedup from the reference's curve, paired differences by seed against the reference
-(and the Muon variants against Muon, variant arms against their main arm) with Holm's adjustment over every
-test of the report, the minimum detectable difference, the track-3 exchange rate, step overhead and state.
+it and what reaching the target costs (steps, tokens, FLOPs, training time), the data-equivalent speedup from the
+reference's curve, paired differences by seed against the reference (and the Muon variants against Muon, variant
+arms against their main arm) with Holm's adjustment over every test of the report, the minimum detectable
+difference, the track-3 exchange rate, step overhead and state.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _finite(x: Any) -> bool:
 
 def median(values) -> float | None:
     """The median with a diverged run (+inf) or an unreached target (+inf) counted as the worst value, so that
-    more than half of them makes the median +inf; only missing values (None, NaN) are left out."""
+    more than half of them (half, of an even count) makes the median +inf; only missing values (None, NaN) are
+    left out."""
     v = [x for x in values if isinstance(x, (int, float)) and not math.isnan(x)]
     return statistics.median(v) if v else None
 
@@ -66,6 +68,25 @@ def certificate(space: dict[str, dict], chosen: dict[str, Any], trials: dict[str
     return rows
 
 
+def end_interval(values: list[float]) -> dict[str, Any] | None:
+    """The end-of-schedule loss of an arm over its fresh seeds (docs/protocol.md 5.6, 7.1): the median over every
+    seed with a diverged one counted as the worst value (+inf; +inf when at least half diverged), so that it is
+    the curve's point at that budget and a diverged seed cannot improve it; the mean, sd and interval over the
+    finite seeds only (`n` of them; None below 2), with `n_diverged` saying how many were left out."""
+    if not values:
+        return None
+    e = stats.interval(values) or {"n": sum(map(_finite, values)), "mean": None, "sd": None, "lo": None,
+                                   "hi": None, "method": None, "of": "mean"}
+    return {**e, "median": median(values), "n_diverged": sum(not _finite(x) for x in values)}
+
+
+def seconds_per_step(run: RunRecord) -> float | None:
+    """train_time_s / steps of a run that trained to its budget: a diverged run's few steps are dominated by the
+    first step (the optimizer's FLOPs are counted there, train.py), so its rate is not the optimizer's."""
+    t, n = run.summary.get("train_time_s"), run.summary.get("steps")
+    return t / n if not run.diverged and _finite(t) and isinstance(n, int) and n > 0 else None
+
+
 def step_overhead(run: RunRecord) -> float | None:
     """optimizer.step() time over the rest of the training time (both accumulated by train.py, synchronised)."""
     o, t = run.summary.get("optimizer_step_time_s"), run.summary.get("train_time_s")
@@ -99,11 +120,14 @@ def _arm(bench: dict, arm: str, runs: list[RunRecord], target: float | None) -> 
         "losses": {b: dict(sorted(v.items())) for b, v in losses.items()},
         "budgets": budgets, "curve": medians,
         "n_seeds": len(losses.get(max(budgets), {})) if budgets else 0,
-        "end_loss": stats.interval(list(losses[max(budgets)].values())) if budgets else None,
+        "end_loss": end_interval(list(losses[max(budgets)].values())) if budgets else None,
         "first_eval_steps_to_target": median([h["step"] if h else math.inf for h in first]) if target else None,
         "first_eval_reached": sum(h is not None for h in first),
         "steps_to_target": stats.loglinear_crossing(budgets, medians, target) if target and budgets else None,
         "step_overhead": median([step_overhead(r) for r in full]),
+        "seconds_per_step": median([seconds_per_step(r) for r in full]),
+        # train.py's charged FLOPs per step: the model's (6N + attention, PC polynomials) and the optimizer's matmuls
+        "flops_per_step": median([r.summary.get("flops_per_step") for r in full if not r.diverged]),
         "state_bytes": median([r.summary.get("optimizer_state_bytes") for r in full]),
         "tokens_per_step": full[0].summary["tokens"] / full[0].summary["steps"] if full and full[0].summary.get(
             "steps") else None,
@@ -117,6 +141,7 @@ def _target(bench: dict, arms: dict[str, dict]) -> dict[str, Any]:
         return {"loss": t["loss"], "rule": f"declared before any run ({t['source']})"}
     ref = arms.get(bench["reference"])
     loss = ref["end_loss"]["median"] if ref and ref["end_loss"] else None
+    loss = loss if _finite(loss) else None  # most reference seeds diverged: there is no target to reach
     return {"loss": loss, "rule": f"the reference ({bench['reference']}) median end-of-schedule loss at the full "
                                   "budget over its fresh seeds (never the tuning seed)"}
 
@@ -129,13 +154,36 @@ def compare(arm: dict, ref: dict, label: str) -> dict[str, Any] | None:
     p = stats.paired(arm["losses"].get(full, {}), ref["losses"].get(full, {}))
     if p is None:
         return None
-    rate = stats.exchange_rate(ref["budgets"], ref["curve"], ref["end_loss"]["median"]) if ref["end_loss"] else None
+    rate = stats.exchange_rate(ref["budgets"], ref["curve"], ref["end_loss"]["median"]) \
+        if ref["end_loss"] and _finite(ref["end_loss"]["median"]) else None
     p["against"] = label
     p["steps_equivalent"] = p["mean_diff"] / rate if rate else None  # the gap in reference steps (track 3)
     p["exchange_rate"] = rate
     arm_l, ref_l = list(arm["losses"][full].values()), list(ref["losses"][full].values())
     p["track3"] = stats.track3_pairwise(arm_l, ref_l, full, full, rate or stats.TRACK3_RATE)
     return p
+
+
+def cost_to_target(arm: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any] | None:
+    """What reaching the target costs the arm, read at its steps to target on the median curve (docs/protocol.md
+    6.4.1): tokens = steps x tokens per step, FLOPs = steps x the runs' charged FLOPs per step, training time =
+    steps x the median seconds per step, so that it includes each optimizer's own step overhead; and that time
+    over the reference's. Every figure None when the curve does not reach the target (or a record lacks what it
+    needs); None with no target at all. "at_smallest" figures are bounds (reached at or before the smallest
+    budget)."""
+    s = arm["steps_to_target"]
+    if s is None:
+        return None
+
+    def times(steps: float | None, per_step: float | None) -> float | None:
+        return steps * per_step if steps is not None and per_step is not None else None
+
+    steps = s["value"]
+    time = times(steps, arm["seconds_per_step"])
+    ref_time = times((ref["steps_to_target"] or {}).get("value"), ref["seconds_per_step"])
+    return {"steps": steps, "tokens": times(steps, arm["tokens_per_step"]),
+            "flops": times(steps, arm["flops_per_step"]), "train_time_s": time,
+            "time_vs_reference": time / ref_time if time is not None and ref_time else None, "where": s["where"]}
 
 
 def workload_info(runs: list[RunRecord], bench: dict) -> tuple[dict[str, Any], Any]:
@@ -249,6 +297,8 @@ def analyze(bench_dir: Path | str, runs: list[RunRecord]) -> dict[str, Any]:
             a["data_equivalent_by_budget"] = {
                 B: stats.data_equivalent_speedup(ref["budgets"], ref["curve"], B, loss)
                 for B, loss in zip(a["budgets"], a["curve"]) if loss is not None and math.isfinite(loss)}
+    for a in arms.values():
+        a["to_target"] = cost_to_target(a, ref)
     for key, p in stats.holm({k: t["p"] for k, t in tests.items()}).items():
         tests[key]["p_holm"] = p
     workload, cfg = workload_info(runs, bench)
@@ -265,8 +315,8 @@ def analyze(bench_dir: Path | str, runs: list[RunRecord]) -> dict[str, Any]:
         gone = {f"s{s} at {b}" for b, v in a["losses"].items() for s, x in v.items() if not _finite(x)}
         if gone:  # otherwise silent: the interval and paired tests use the finite losses, the curve all of them
             flags.append(f"{name}: fresh-seed runs diverged ({', '.join(sorted(gone))}); left out of its end-loss "
-                         "interval and paired tests, counted as the worst value in its loss-vs-budget medians "
-                         "(steps to target, speedups)")
+                         "mean, interval and paired tests, counted as the worst value in its medians (the "
+                         "end-of-schedule loss, the loss-vs-budget curve, steps to target, speedups)")
         d = a.get("data_equivalent_speedup")
         if d and d["extrapolated"]:
             flags.append(f"{name}: its data-equivalent speedup is extrapolated beyond the reference's budgets")
@@ -290,10 +340,14 @@ def summary(analysis: dict[str, Any]) -> dict[str, Any]:
         e = a["end_loss"]
         arms[name] = {
             "optimizer": a["optimizer"], "variant_of": a["variant_of"], "n_seeds": a["n_seeds"],
+            "n_seeds_diverged": e["n_diverged"] if e else 0,
             "trials": a["n_trials"], "tuned_knobs": a["tuned_knobs"],
             "chosen": a["chosen"]["setting"] if a["chosen"] else None,
-            "end_loss": {"median": e["median"], "mean": e["mean"], "ci": [e["lo"], e["hi"]], "ci_method": e["method"],
-                         "ci_of": "mean"} if e else None,
+            # median: every seed, a diverged one as +inf, null when that makes it +inf (JSON has no inf); mean and
+            # ci: the n_finite finite seeds only (docs/protocol.md 5.6)
+            "end_loss": {"median": e["median"] if _finite(e["median"]) else None, "mean": e["mean"],
+                         "ci": [e["lo"], e["hi"]], "ci_method": e["method"], "ci_of": "mean",
+                         "n_finite": e["n"]} if e else None,
             "curve": dict(zip(a["budgets"], a["curve"])),
             "vs_reference": {"against": t["against"], "mean_diff": t["mean_diff"], "ci": [t["lo"], t["hi"]],
                              "p": t["p"], "p_holm": t.get("p_holm"), "mdd": t["mdd"], "n": t["n"]} if t else None,
@@ -302,7 +356,8 @@ def summary(analysis: dict[str, Any]) -> dict[str, Any]:
                 "extrapolated": a["data_equivalent_speedup"]["extrapolated"]},
             "data_equivalent_by_budget": {B: {"value": x["value"], "extrapolated": x["extrapolated"]}
                                           for B, x in (a.get("data_equivalent_by_budget") or {}).items()},
-            "steps_to_target": a["steps_to_target"], "step_overhead": a["step_overhead"],
+            "steps_to_target": a["steps_to_target"], "seconds_per_step": a["seconds_per_step"],
+            "flops_per_step": a["flops_per_step"], "to_target": a["to_target"], "step_overhead": a["step_overhead"],
             "state_ratio": a.get("state_ratio")}
     base = analysis["baselines"] or {}
     return {"protocol": 2, "bench": b["name"], "code_versions": analysis["code_versions"],

@@ -14,6 +14,7 @@ of each rung's full budget for every rung (fit_budget), so that every point has 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -180,15 +181,49 @@ def read_ladder(ladder_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def committed_rung(d: Path) -> tuple[dict, dict, list[int]]:
+    """A rung read from its committed report alone (summary.json, runs.csv, bench.json): the checkout of a
+    fresh clone, which holds a benchmark's report but not its run records (.gitignore). Returns its summary,
+    arm -> budget -> seed -> end-of-schedule loss (inf: diverged) of the fresh-seed runs, and its seeds;
+    RecordError when a file is missing or runs.csv disagrees with summary.json's medians."""
+    paths = [d / n for n in ("summary.json", "runs.csv", "bench.json")]
+    if missing := [p.name for p in paths if not p.is_file()]:
+        raise RecordError(f"{d}: no run records and no committed report ({', '.join(missing)} missing)")
+    s = json.loads(paths[0].read_text())
+    losses: dict[str, dict[int, dict[int, float]]] = {}
+    with open(paths[1], newline="") as f:
+        for row in csv.DictReader(f):
+            if row["phase"] in ("seed", "branch"):
+                v = math.inf if row["diverged"] == "True" or not row["final_val_loss"] else float(row["final_val_loss"])
+                losses.setdefault(row["arm"], {}).setdefault(int(row["budget"]), {})[int(row["seed"])] = \
+                    v if math.isfinite(v) else math.inf
+    losses = {a: {b: dict(sorted(v.items())) for b, v in sorted(by.items())} for a, by in losses.items()}  # analyze's
+    for arm, a in s["arms"].items():  # the two files must be one report's: every arm's full-budget median
+        full = losses.get(arm, {}).get(max(s["workload"]["budgets"]), {})
+        got, want = median(full.values()), (a.get("end_loss") or {}).get("median")
+        got = None if got is not None and math.isinf(got) else got  # summary.json writes an infinite median as null
+        if (got is None) != (want is None) or (got is not None and want is not None and abs(got - want) > 1e-9):
+            raise RecordError(f"{d}: runs.csv's median end loss of {arm} ({got}) is not summary.json's ({want})")
+    return s, losses, list(json.loads(paths[2].read_text())["seeds"])
+
+
 def _rung(ladder_dir: Path, rec: dict, arms: list[str], ref: str) -> tuple[dict, RungLosses, list, list]:
     """One rung's entry of summary.json `sizes`, its losses for the fit, the ladder's flags about it and its
-    own report's flags; RecordError when its directory holds no complete seed run yet."""
+    own report's flags; RecordError when its directory holds no complete seed run yet. A rung whose directory
+    has no run records (runs/) is read from its committed report (committed_rung), and flagged."""
     d = (ladder_dir / rec["dir"]).resolve()
-    an = analyze(d, load_runs(d))
-    s = summary(an)
+    if (d / "runs").is_dir():
+        an = analyze(d, load_runs(d))
+        s = summary(an)
+        all_losses, seeds, source = {a: v["losses"] for a, v in an["arms"].items()}, list(an["bench"]["seeds"]), []
+    else:
+        s, all_losses, seeds = committed_rung(d)
+        an = {"reference": s["reference"], "flags": s.get("flags", [])}
+        source = [(f"rung {rec['name']}: read from its committed report (summary.json, runs.csv): its run records "
+                   "are not in this checkout")]
     if an["reference"] != ref:
         raise RecordError(f"{d}: its reference is {an['reference']!r}, the ladder's {ref!r}")
-    w, budgets = s["workload"], list(an["bench"]["budgets"])
+    w, budgets = s["workload"], list(s["workload"]["budgets"])
     n, tokens = int(w["non_embedding_params"]), round(budgets[-1] * w["tokens_per_step"])
     end = (s["arms"].get(ref) or {}).get("end_loss")
     ref_loss, tri = end and end["median"], (s["baselines"] or {}).get("trigram")
@@ -198,15 +233,15 @@ def _rung(ladder_dir: Path, rec: dict, arms: list[str], ref: str) -> tuple[dict,
              "reference_end_loss": ref_loss,
              "reference_beats_trigram": None if tri is None or ref_loss is None else ref_loss < tri,
              "arms": {a: s["arms"][a] for a in arms if a in s["arms"]}}
-    flags = []
+    flags = source
     if entry["reference_beats_trigram"] is False:
         flags.append(f"rung {rec['name']}: the reference ({ref}) ends at {ref_loss:.4f}, not below the trigram "
                      f"baseline {tri:.4f}: at this size the benchmark measures n-gram learning")
     if rec.get("non_embedding_params", n) != n:
         flags.append(f"rung {rec['name']}: its records' model has {n:,} non-embedding parameters, "
                      f"{LADDER_FILE} {rec['non_embedding_params']:,}")
-    losses = {a: an["arms"][a]["losses"] for a in [ref, *arms] if a in an["arms"]}
-    data = RungLosses(rec["name"], n, list(an["bench"]["seeds"]), budgets, losses)
+    losses = {a: all_losses[a] for a in [ref, *arms] if a in all_losses}
+    data = RungLosses(rec["name"], n, seeds, budgets, losses)
     return entry, data, flags, [f"rung {rec['name']}: {f}" for f in an["flags"]]
 
 
@@ -286,6 +321,21 @@ def reading(arm: str, f: dict, ref: str) -> str:
             + (f"; not above 1 (slower than {ref}: a rising speedup closes the gap)"
                if max(values) <= 1 and min(values) < 1 else "")
             + (". Extrapolated points: not a headline." if any(f["extrapolated"]) else "."))
+
+
+def regime_text(summ: dict) -> str | None:
+    """Said beside the answer when some rungs' reference ends above the trigram baseline: a trend through them
+    mixes model size with the n-gram regime (where the hidden matrices, which the matrix optimizers act on, carry
+    little of the loss), so the slope is then not a statement about scale alone."""
+    above = [s["rung"] for s in summ["sizes"] if s["reference_beats_trigram"] is False]
+    if not above:
+        return None
+    below = [s["rung"] for s in summ["sizes"] if s["reference_beats_trigram"]]
+    return (f"Read the slopes with care: at {', '.join(above)} ({len(above)} of {len(summ['sizes'])} rungs) the "
+            f"reference ends above the trigram baseline, so there the benchmark measures n-gram learning, and a "
+            f"trend fitted through those rungs mixes model size with that regime. "
+            + (f"Only {', '.join(below)} measure{'s' if len(below) == 1 else ''} optimization past it."
+               if below else "No rung measures optimization past it."))
 
 
 def marin_text(summ: dict) -> str:
@@ -402,6 +452,7 @@ def report_blocks(summ: dict, plot: Path, ladder_dir: Path) -> list[tuple]:
                f"{summ['tokens_per_param']:g} tokens per non-embedding parameter at the full budget, the "
                f"protocol of benchmark `{summ['base']}` at every rung.")),
         ("ul", [reading(a, f, summ["reference"]) for a, f in summ["fits"].items()] or ["no fit yet"]),
+        *([("p", r)] if (r := regime_text(summ)) else []),
         ("img", os.path.relpath(plot, ladder_dir), "speedup vs non-embedding parameters, fitted lines", plot)]
     blocks += [("warn", f) for f in summ["flags"]]
     blocks += [("h2", "Marin's reading"), ("p", marin_text(summ))] + tables(summ)

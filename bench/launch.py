@@ -17,17 +17,9 @@ from tqdm import tqdm
 
 from bench.declaration import LAUNCHERS, REPO, BenchConfig, BenchError
 from bench.plan import PlannedRun, trial_config
+from bench.supervise import with_parent
 from harness.config.search import with_user_dirs
 from harness.lifecycle.rundir import complete_summary
-
-# Linux: the multirun gets SIGTERM when this driver dies, even by SIGKILL (prctl PR_SET_PDEATHSIG = 1, set in
-# the child and kept across its exec), so a killed benchmark leaves no run training on behind it.
-_PDEATHSIG = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
-              "os.execv(sys.argv[1], sys.argv[1:])")
-
-
-def with_parent(cmd: list[str]) -> list[str]:
-    return [sys.executable, "-c", _PDEATHSIG, *cmd] if sys.platform.startswith("linux") else cmd
 
 
 def add_launch_options(p) -> None:
@@ -84,6 +76,8 @@ def launch(b: BenchConfig, out: Path, label: str, runs: list[PlannedRun], hybrid
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log, tqdm(total=len(todo), desc=label, unit="run", dynamic_ncols=True,
                                         mininterval=2.0) as bar:
+        # Linux: under bench/supervise.py, so that the multirun and its workers end when this driver dies,
+        # even by SIGKILL: a killed benchmark leaves no run training on behind it
         proc = subprocess.Popen(with_parent(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         stop = threading.Event()
 
@@ -95,7 +89,12 @@ def launch(b: BenchConfig, out: Path, label: str, runs: list[PlannedRun], hybrid
 
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
-        code = proc.wait()
+        try:
+            code = proc.wait()
+        except BaseException:  # Ctrl-C (KeyboardInterrupt), another exception: the multirun's group ends first
+            proc.terminate()  # the supervisor's SIGTERM: it ends the whole group, SIGKILL after its grace
+            proc.wait()
+            raise
         stop.set()
         watcher.join()
         bar.update(sum(complete_summary(r.dir(out)) is not None for r in todo) - bar.n)

@@ -2,8 +2,8 @@
 from bench.json and the run records alone. It leads with the answer: the first screen is one table (every
 arm's end-of-schedule loss with its interval, the paired difference against the reference with its interval
 and Holm-adjusted p, the data-equivalent speedup, step overhead, state memory) and the loss-vs-budget figure
-with the n-gram lines; then the flags, the protocol, the tuning (certificates, best-of-k), the variants, the
-Muon comparisons, the diagnostics.
+with the n-gram lines; then the flags, the protocol, the loss-vs-budget table, the cost to the target, the
+paired comparisons, the tuning (certificates, best-of-k), the variants, the diagnostics.
 
     python scripts/report.py results/bench_tiny
 """
@@ -65,6 +65,13 @@ def speedup_cell(a: dict, is_ref: bool, headline: bool = False) -> str:
     return f"{d['value']:.2f} (extrapolated)" + (f"; {at}" if at else "")
 
 
+def seeds_cell(a: dict) -> str:
+    """The arm's fresh seeds at the full budget, and how many diverged (their median counts them as +inf, their
+    mean and interval leave them out: docs/protocol.md 5.6)."""
+    k = (a["end_loss"] or {}).get("n_diverged", 0)
+    return f"{a['n_seeds']} ({k} diverged)" if k else str(a["n_seeds"])
+
+
 def headline(analysis: dict) -> list[tuple]:
     ref = analysis["reference"]
     rows = []
@@ -72,17 +79,23 @@ def headline(analysis: dict) -> list[tuple]:
         if a["variant_of"]:
             continue
         t = analysis["tests"].get(f"{name} vs {ref}")
-        rows.append([name, ci_cell(a["end_loss"]), str(a["n_seeds"]), ci_cell(t, "+.3f") if t else "(reference)",
+        # no test for another arm: fewer than 2 seeds finite in both (the rest diverged)
+        diff = "(reference)" if name == ref else ci_cell(t, "+.3f") if t else "-"
+        rows.append([name, ci_cell(a["end_loss"]), seeds_cell(a), diff,
                      p_cell(t), fmt(t["mdd"]) if t else "-", speedup_cell(a, name == ref, headline=True),
                      fmt(a["step_overhead"], ".1%"), fmt(a.get("state_ratio"), ".2f")])
     e = analysis["arms"][ref]["end_loss"]
     head = ["arm", "end-of-schedule loss, median [95% CI of the mean]", "seeds", f"paired diff vs {ref} [95% CI]",
             "p one-sided / Holm", "detectable diff (80% power)", "data-equivalent speedup", "step overhead",
             f"state / {ref}'s"]
+    diverged = any((a["end_loss"] or {}).get("n_diverged") for a in analysis["arms"].values())
     return [("table", head, rows),
             ("p", (f"Full budget {analysis['bench']['budgets'][-1]} steps; negative differences favour the arm. "
-                  f"Interval method: {e['method'] if e else '-'} (Student t below 8 seeds, BCa from 8). p: one-sided "
-                  "paired t-test (arm lower), Holm-Bonferroni over every test of this report."))]
+                  f"Interval method: {(e or {}).get('method') or '-'} (Student t below 8 seeds, BCa from 8). p: "
+                  "one-sided paired t-test (arm lower), Holm-Bonferroni over every test of this report."
+                  + (" A diverged seed counts as the worst value in the median (\"diverged\": at least half of the "
+                     "seeds did) and is left out of the mean, its interval and the paired tests." if diverged
+                     else "")))]
 
 
 def protocol_lines(analysis: dict) -> list[str]:
@@ -158,6 +171,35 @@ def budget_table(analysis: dict) -> tuple[list[str], list[list[str]]]:
              "data-equivalent speedup"], rows)
 
 
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 \
+        else f"{seconds / 3600:.2f} h"
+
+
+def cost_blocks(analysis: dict) -> list[tuple]:
+    """What reaching the target costs each arm, at its steps to target on the median curve (docs/protocol.md
+    6.4.1): the training time is steps x the median seconds per step, so it includes each optimizer's step
+    overhead, which the data-equivalent speedup (steps alone) does not."""
+    ref, rows = analysis["reference"], []
+    for name, a in analysis["arms"].items():
+        c = a["to_target"]
+        if not c or c["where"] == "not_reached":
+            rows.append([name, *(["not reached"] if c else ["-"]), *["-"] * 4])
+            continue
+        bound = " (at or before)" if c["where"] == "at_smallest" else ""
+        rows.append([name, f"{c['steps']:.0f}{bound}", fmt(c["tokens"], ",.0f"), fmt(c["flops"], ".3g"),
+                     duration(c["train_time_s"]), fmt(c["time_vs_reference"], ".2f")])
+    return [("h2", "Cost to the target (on the median curve)"),
+            ("table", ["arm", "steps", "tokens", "FLOPs", "training time", f"time / {ref}'s"], rows),
+            ("p", (f"Steps: where the arm's median loss-vs-budget curve reaches the target "
+                  f"{fmt(analysis['target']['loss'])} (log-linear between budgets, as above); tokens = steps x tokens "
+                  "per step; FLOPs = steps x the runs' charged FLOPs per step (model and optimizer matmuls); time = "
+                  "steps to target x the median seconds per step of the arm's full-budget seed runs (training clock, "
+                  "evaluation excluded), so it includes each optimizer's step overhead."))]
+
+
 def tests_table(analysis: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for key, t in analysis["tests"].items():
@@ -189,6 +231,7 @@ def report_blocks(analysis: dict, runs: list[RunRecord], plots: dict[str, Path],
         for c in analysis["workload_checks"]])]
     blocks += [("h2", "Protocol"), ("ul", protocol_lines(analysis)),
                ("h2", "Loss vs budget (median over seeds)"), ("table", *budget_table(analysis)),
+               *cost_blocks(analysis),
                ("h2", "Paired comparisons (every test of this report, Holm-adjusted together)"),
                ("table", *tests_table(analysis)),
                ("p", ("Gap in reference steps: the mean difference over the reference's loss-per-step slope near "

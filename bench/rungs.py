@@ -200,7 +200,12 @@ def _set_rung(decl: LadderDecl, base: BenchConfig, r: RungDecl, out: Path) -> Ru
     budgets = derived_budgets(decl.tokens_per_param, size["non_embedding_params"], size["tokens_per_step"])
     warmup = round(decl.warmup_frac * budgets[-1])
     # a declared target loss belongs to the base's model size; another size takes the reference-median rule
-    b = replace(base, name=f"ladder_{decl.name}_{r.name}", budgets=budgets,
+    n, total = size["non_embedding_params"], size["n_params"]
+    # its own title: the base's description names the base's model size and budgets, not this rung's
+    title = (f"rung {r.name} of ladder {decl.name}: the {base.name} benchmark's workload with {' '.join(sets)} "
+             f"({total:,} params, {n / total:.0%} non-embedding), budgets {'/'.join(map(str, budgets))} steps x "
+             f"{size['tokens_per_step']:,} tokens")
+    b = replace(base, name=f"ladder_{decl.name}_{r.name}", budgets=budgets, description=title,
                 overrides=[*kept, f"schedule.warmup_steps={warmup}", *sets],
                 target=base.target if not r.set else TargetConfig())
     # the schedule composed_schedule() would give: the same overrides but the warmup, set here in steps

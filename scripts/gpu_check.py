@@ -7,7 +7,7 @@
 
 Steps, in order, each a subprocess tree with its own time budget (seconds; --budget STEP=S, --budget-scale F):
   env       torch / CUDA versions, the GPU, the measured bf16 4096^3 matmul rate against the datasheet peak
-            (scripts/perf.py's table)
+            (scripts/perf_setup.py's table, as perf's MFU)
   perf      scripts/perf.py gpt2_124m (bf16 autocast, torch.compile): tokens/s, MFU against the measured and
             the datasheet peak, each optimizer's training step and state bytes over AdamW's
   train     --steps (30) of train.py for every conf/optimizer/*.yaml on perf's gpt2_124m workload (GPT-2 124M,
@@ -18,15 +18,15 @@ Steps, in order, each a subprocess tree with its own time budget (seconds; --bud
             harness's single-process path: nccl itself is exercised by the probe, not by train.py)
   fsdp      train.parallel=fsdp in one process is refused with runtime/distributed.py's one-line error
 A step past its budget is killed (its process groups) and recorded as timed_out, and the next one runs; the
-results are rewritten atomically after every step. Exit 1 when a step failed or timed out (each named on
-stderr), 2 without CUDA (nothing run). Run directories and logs: <out>/runs/<time>/ (ignored by git).
+results are rewritten atomically after every step (scripts/gpu_results.py: the record, each step's figures,
+the Markdown). Exit 1 when a step failed or timed out (each named on stderr), 2 without CUDA (nothing run).
+Run directories and logs: <out>/runs/<time>/ (ignored by git).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import signal
@@ -41,16 +41,13 @@ sys.path.insert(0, str(REPO))
 
 from omegaconf import OmegaConf
 
-from harness.lifecycle.records import code_version
-from runtime.files import atomic_write_json, atomic_write_text
+from scripts.gpu_results import PRESET, determinism, perf_figures, read_run, record, write_results
 
 PY, THIS = sys.executable, "scripts/gpu_check.py"
 CONF = REPO / "conf"
 BUDGETS = {"env": 30, "perf": 240, "train": 150, "torchrun": 45, "fsdp": 15}  # seconds: 480 in all
 TOTAL_LIMIT = 480  # what fits a 15-minute GPU loan with its start-up
-PRESET = "gpt2_124m"
 PERF_OPTIMIZERS = ["adamw", "muon", "muon_fp32", "normuon", "polargrad", "newton_muon", "adam_mini", "soap"]
-DETERMINISM_RTOL = 1e-2  # compiled bf16 on a GPU need not repeat bitwise; a gross mismatch fails
 FSDP_REFUSAL = ("error: train.parallel=fsdp needs several processes (WORLD_SIZE is 1): launch with torchrun or "
                 "accelerate launch, or use train.parallel=ddp")  # runtime/distributed.py, init()
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
@@ -88,39 +85,11 @@ def plan(args) -> dict[str, dict[str, list[str]]]:
 
 # ---- the dry run: every command composed, nothing run ------------------------------------------------------
 
-def compose_error(overrides: list[str]) -> str | None:
-    """train.py's own checks without running it: the preflight's one-line composition error (and run
-    directory check), then the typed config's validation (harness/config/schema.py), all before any compute."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from harness.config.preflight import composition_error, run_dir_error
-    from harness.config.schema import ConfigError, register_configs, to_typed
-    from harness.config.search import with_user_dirs
-    from harness.config.validate import validate
-
-    register_configs()
-    error, run_dir = composition_error(CONF, overrides)
-    if error is None and run_dir:
-        error = run_dir_error(run_dir)
-    if error is not None:
-        return error
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="train"):
-            cfg = compose("config", overrides=with_user_dirs(overrides), return_hydra_config=True)
-            HydraConfig.instance().set_config(cfg)  # ${hydra:...} in `name` resolves as under @hydra.main
-            with open_dict(cfg):
-                del cfg["hydra"]
-            validate(to_typed(cfg))
-    except ConfigError as e:
-        return str(e)
-    return None
-
-
 def command_error(cmd: list[str]) -> str | None:
     """Why a planned command would not start: torchrun arguments that do not parse or are not one standalone
-    process, a probe this script refuses, train.py overrides that do not compose."""
+    process, a probe this script refuses, train.py overrides that do not compose (or do not validate)."""
+    from harness.config.preflight import config_error
+
     if cmd[1:3] == ["-m", "torch.distributed.run"]:
         from torch.distributed.run import get_args_parser
 
@@ -136,7 +105,7 @@ def command_error(cmd: list[str]) -> str | None:
             parser().parse_args(cmd[2:])
         except SystemExit:
             return f"{THIS} refuses {cmd[2:]}"
-    return compose_error(cmd[2:]) if cmd[1] == "train.py" else None
+    return config_error(CONF, cmd[2:]) if cmd[1] == "train.py" else None
 
 
 def check_plan(args, steps: dict) -> list[str]:
@@ -251,21 +220,6 @@ def step_env(ctx) -> dict:
             f"{f['bf16_matmul_tflops']:.0f} TFLOP/s, {of} the datasheet {f['datasheet_bf16_tflops']} TFLOP/s"}
 
 
-def perf_figures(res: dict, measured_tflops: float | None) -> dict:
-    """What the issue asks of scripts/perf.py's JSON, and the MFU against the env step's measured rate."""
-    keys = ("step_s", "step_over_fwd_bwd", "step_over_adamw", "train_step_over_adamw", "state_bytes",
-            "state_bytes_over_adamw")
-    tflops = res.get("model_tflops")
-    return {"tokens_per_s_fwd_bwd": res["tokens"] / res["fwd_bwd_s"] if res.get("fwd_bwd_s") else None,
-            "tokens_per_s_train_step": res.get("references", {}).get("tokens_per_s_ours"),
-            "tokens_per_s_over_transformers": res.get("tokens_per_s_over_transformers"), "model_tflops": tflops,
-            "mfu_vs_measured_matmul": res.get("mfu_vs_measured_matmul"),
-            "mfu_vs_env_matmul": tflops / measured_tflops if tflops and measured_tflops else None,
-            "mfu_vs_datasheet_bf16": res.get("mfu_vs_datasheet_bf16"), "precision": res.get("precision"),
-            "compiled": res.get("compiled"),
-            "optimizers": {n: {k: o.get(k) for k in keys} for n, o in res.get("optimizers", {}).items()}}
-
-
 def step_perf(ctx) -> dict:
     r = run_all(ctx.plan["perf"], ctx.deadline, ctx.logs)["perf"]
     if why := verdict("perf", r):
@@ -277,36 +231,6 @@ def step_perf(ctx) -> dict:
     return {"status": status_of(r, [why] * bool(why)), "figures": f, "reason": why,
             "detail": f"{f['tokens_per_s_fwd_bwd'] or 0:,.0f} tokens/s (fwd+bwd), MFU "
             f"{f['mfu_vs_measured_matmul'] or 0:.0%} of measured, {f['mfu_vs_datasheet_bf16'] or 0:.0%} of datasheet"}
-
-
-def read_run(run_dir: Path, steps: int) -> dict:
-    """A finished train.py run's records: losses, finiteness, throughput; `problems` lists what is wrong."""
-    try:
-        lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError) as e:
-        return {"problems": [f"records unreadable ({e.__class__.__name__}: {e})"]}
-    train = [m["train_loss"] for m in lines if "train_loss" in m]
-    val = [m["val_loss"] for m in lines if "val_loss" in m]
-    bad = sorted({f"{k}@{m.get('step')}" for m in lines for k, v in m.items()
-                  if isinstance(v, float) and not math.isfinite(v)})
-    out = {"steps": len(train), "first_loss": (train or [None])[0], "last_loss": (train or [None])[-1],
-           "val_first": (val or [None])[0], "val_last": (val or [None])[-1], "non_finite": bad, "losses": train,
-           **{k: summary.get(k) for k in ("tokens_per_s", "mfu_vs_measured_matmul", "optimizer_step_share",
-                                          "optimizer_state_bytes", "diverged", "train_time_s", "world_size")}}
-    out["problems"] = ([f"{len(train)} of {steps} steps logged"] * (len(train) != steps)
-                       + [f"non-finite {', '.join(bad[:5])}"] * bool(bad) + ["diverged"] * bool(summary.get("diverged"))
-                       + [f"loss did not fall ({out['first_loss']} -> {out['last_loss']})"]
-                       * (not train or not train[-1] < train[0]))
-    return out
-
-
-def determinism(a: list[float], b: list[float]) -> dict:
-    diffs = [abs(x - y) for x, y in zip(a, b, strict=False)]
-    rel = [d / abs(x) for d, x in zip(diffs, a, strict=False) if x]
-    return {"steps": len(diffs), "identical": a == b, "max_abs_diff": max(diffs, default=None),
-            "max_rel_diff": max(rel, default=None), "rtol": DETERMINISM_RTOL,
-            "ok": len(a) == len(b) > 0 and max(rel, default=0.0) <= DETERMINISM_RTOL}
 
 
 def step_train(ctx) -> dict:
@@ -324,8 +248,7 @@ def step_train(ctx) -> dict:
     if figures.get("adamw", {}).get("losses") and figures.get("adamw_repeat", {}).get("losses"):
         figures["determinism"] = d = determinism(figures["adamw"]["losses"], figures["adamw_repeat"]["losses"])
         if not d["ok"]:
-            problems.append(f"determinism: adamw twice differs by {d['max_rel_diff']} relative "
-                            f"(> {DETERMINISM_RTOL})")
+            problems.append(f"determinism: adamw twice differs by {d['max_rel_diff']} relative (> {d['rtol']})")
     return {"status": worst(statuses + ["failed"] * bool(d and not d["ok"])), "figures": figures, "jobs": ctx.args.jobs,
             "reason": "; ".join(problems) or None, "detail": f"{statuses.count('ok')}/{len(runs)} runs ok"
             + (f"; adamw twice: max |diff| {d['max_abs_diff']:.2e}" if d else "")}
@@ -372,7 +295,7 @@ STEPS = {"env": step_env, "perf": step_perf, "train": step_train, "torchrun": st
 def probe_env() -> dict:
     import torch
 
-    from scripts.perf import DATASHEET_BF16_TFLOPS
+    from scripts.perf_setup import datasheet_peak
 
     name, n, reps = torch.cuda.get_device_name(0), 4096, 50
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -386,7 +309,7 @@ def probe_env() -> dict:
             a @ b
         torch.cuda.synchronize()
         rates.append(2 * n**3 * reps / (time.perf_counter() - t0) / 1e12)
-    peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)  # perf.mfu()'s rule
+    peak = datasheet_peak(name)
     rate, (major, minor) = statistics.median(rates), torch.cuda.get_device_capability(0)
     return {"gpu": name, "gpu_count": torch.cuda.device_count(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "capability": f"{major}.{minor}",
@@ -413,77 +336,6 @@ def probe_nccl() -> dict:
     return out
 
 
-# ---- results -------------------------------------------------------------------------------------------------
-
-def slug(name: str | None) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", (name or "unknown gpu").lower()).strip("-")
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
-    return "" if v is None else (", ".join(map(str, v)) or "none") if isinstance(v, list) else str(v)
-
-
-def md_table(rows: dict[str, dict], cols: dict[str, tuple[str, float]]) -> list[str]:
-    """| name | header... | rows: column header -> (key, scale: the value shown is value x scale)."""
-    out = [f"| | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
-    for name, r in rows.items():
-        cells = [r.get(k) * f if isinstance(r.get(k), (int, float)) and f != 1 else r.get(k)
-                 for k, f in cols.values()]
-        out.append(f"| {name} | {' | '.join(map(_fmt, cells))} |")
-    return out
-
-
-def markdown(res: dict) -> str:
-    """The readable tables of a results dict (the JSON's content)."""
-    by, jobs = {s["name"]: s.get("figures") or {} for s in res["steps"]}, {s["name"]: s.get("jobs") for s in res["steps"]}
-    lines = [f"# GPU check: {res.get('gpu') or 'unknown GPU'} ({res['date']})", "",
-             f"torch {res.get('torch')}, CUDA {res.get('cuda')}, code {(res.get('code') or {}).get('commit')}: "
-             + f"`{res['command']}`", "", f"**{res['verdict']}**", "",
-             *md_table({s["name"]: {**s, "text": s.get("detail") if s["status"] == "ok" else s.get("reason")}
-                        for s in res["steps"]}, {"status": ("status", 1), "time (s)": ("seconds", 1),
-                                                 "budget (s)": ("budget_s", 1), "detail": ("text", 1)})]
-    if env := by.get("env"):
-        lines += ["", "## Environment", "", *[f"- {k}: {_fmt(v)}" for k, v in env.items()]]
-    if p := by.get("perf"):
-        lines += ["", f"## scripts/perf.py {PRESET}", "", *[f"- {k}: {_fmt(p.get(k))}" for k in p if k not in (
-            "optimizers", "perf_json")], "", *md_table(p.get("optimizers", {}), {
-                "step (ms)": ("step_s", 1e3), "step / fwd+bwd": ("step_over_fwd_bwd", 1),
-                "step / AdamW's": ("step_over_adamw", 1), "training step / AdamW's": ("train_step_over_adamw", 1),
-                "state (MB)": ("state_bytes", 1e-6), "state / AdamW's": ("state_bytes_over_adamw", 1)})]
-    if runs := {k: v for k, v in by.get("train", {}).items() if k != "determinism"}:
-        lines += ["", "## Training runs (GPT-2 124M, KJV, bf16, compiled)", "", *md_table(runs, {
-            "status": ("status", 1), "time (s)": ("seconds", 1), "first loss": ("first_loss", 1),
-            "last loss": ("last_loss", 1), "val first": ("val_first", 1), "val last": ("val_last", 1),
-            "non-finite": ("non_finite", 1), "tokens/s": ("tokens_per_s", 1),
-            "MFU (measured)": ("mfu_vs_measured_matmul", 1), "state (MB)": ("optimizer_state_bytes", 1e-6)}),
-            "", f"Up to {jobs.get('train')} runs shared the GPU at a time: their tokens/s and MFU are lower "
-            + "bounds (scripts/perf.py's are the clean figures)."]
-    if d := by.get("train", {}).get("determinism"):
-        lines += ["", f"AdamW twice, same seed, {d['steps']} steps: identical {d['identical']}, max |diff| "
-                  + f"{_fmt(d['max_abs_diff'])}, max relative {_fmt(d['max_rel_diff'])} (fails above {d['rtol']})"]
-    for name in ("torchrun", "fsdp"):
-        if by.get(name):
-            lines += ["", f"## {name}", "", *[f"- {k}: {json.dumps(v, default=str)[:1500]}"
-                                               for k, v in by[name].items()]]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(res: dict, out: Path) -> tuple[Path, Path]:
-    """<out>/<gpu-slug>.json and .md, atomically, with the verdict of the steps so far (set in `res`)."""
-    failed = [f"{s['name']}: {s.get('reason')}" for s in res["steps"] if s["status"] in ("failed", "timed_out")]
-    res["failures"], res["ok"] = failed, not failed
-    complete = {s["name"] for s in res["steps"]} >= set(res["planned"])
-    res["verdict"] = (f"FAILED: {len(failed)} step(s)" if failed else "all steps passed" if complete
-                      else "incomplete, no failure so far")
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"{slug(res.get('gpu'))}.json", out / f"{slug(res.get('gpu'))}.md"
-    atomic_write_json(json_path, res)
-    atomic_write_text(md_path, markdown(res))
-    return json_path, md_path
-
-
 # ---- main ----------------------------------------------------------------------------------------------------
 
 class Ctx:
@@ -495,9 +347,7 @@ class Ctx:
 
 
 def execute(args, steps: dict, budgets: dict[str, float]) -> int:
-    res = {"schema": "gpu_check/1", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv),
-           "code": code_version(), "gpu": None, "torch": None, "cuda": None, "budgets_s": budgets,
-           "runs_dir": str(args.runs), "planned": list(steps), "steps": []}
+    res = record(args.runs, list(steps), budgets)
     ctx, written = Ctx(args, steps, res), set()
     for name, cmds in steps.items():
         t0 = time.monotonic()

@@ -70,9 +70,10 @@ CURVE = {"adamw": {100: 4.0, 200: 3.6, 400: 3.2}, "muon": {100: 3.8, 200: 3.4, 4
 OFFSET = {"adamw": {1: -0.1, 2: -0.05, 3: 0.05, 4: 0.2}, "muon": {1: -0.08, 2: 0.0, 3: 0.03},
           "normuon": {1: -0.02, 2: -0.01, 3: 0.01, 4: 0.04}}
 V_LOSS = {1: 2.95, 2: 3.02, 3: 3.0, 4: 3.1}  # the variant v: full budget only
-# summary.json timings (optimizer.step() s, training s) and optimizer state bytes per arm
+# summary.json timings (optimizer.step() s, training s), optimizer state bytes and charged FLOPs per step per arm
 TIMING = {"adamw": (2.0, 10.0), "muon": (5.0, 10.0), "normuon": (3.0, 9.0), "v": (4.0, 12.0)}
 STATE = {"adamw": 800, "muon": 400, "normuon": 600, "v": 1000}
+FLOPS = {"adamw": 3.0e7, "muon": 3.3e7, "normuon": 3.4e7, "v": 3.3e7}
 
 
 def end_loss(arm, seed, budget):
@@ -118,7 +119,7 @@ def write_bench(root, arms, *, chosen, budgets=BUDGETS, seeds=SEEDS, target=None
 
 
 def write_run(root, phase, arm, trial, *, seed, budget, setting, final, evals=None, diverged=False,
-              workload=None, timing=None, state_bytes=None, commit=COMMIT, dirty=False, complete=True,
+              workload=None, timing=None, state_bytes=None, flops=None, commit=COMMIT, dirty=False, complete=True,
               branch_from=None):
     """A run directory as train.py writes it. Evaluations at `evals` steps (default 0 and the budget): INIT at
     step 0, `final` at the last, linear in between; a diverged run stops evaluating at half its budget."""
@@ -172,6 +173,7 @@ def write_run(root, phase, arm, trial, *, seed, budget, setting, final, evals=No
         "experiment": "smoke", "final_val_loss": None if diverged else final,
         "min_val_loss": None if diverged else final, "n_params": N_PARAMS, "optimizer": arm,
         "optimizer_state_bytes": state_bytes, "optimizer_step_time_s": opt_s, "train_time_s": train_s,
+        "flops_per_step": flops,
         "steps": last, "tokens": last * TOKENS_PER_STEP, "tokens_per_s": 1000.0, "target_loss": None,
         "workload_hash": workload or whash(budget), "world_size": 1}
     (d / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -187,7 +189,7 @@ def make_main_bench(root, target=None):
     chosen["v"] = {**chosen["muon"], "inherited_from": "muon"}
     write_bench(root, arms, chosen=chosen, target=target)
     for arm in ("adamw", "muon", "normuon"):
-        kw = {"timing": TIMING[arm], "state_bytes": STATE[arm]}
+        kw = {"timing": TIMING[arm], "state_bytes": STATE[arm], "flops": FLOPS[arm]}
         for phase, table in (("tune", TUNE), ("cert", CERT)):
             for (lr, wd), loss in table[arm].items():
                 setting = {"optimizer.lr": lr, "optimizer.weight_decay": wd}
@@ -205,7 +207,7 @@ def make_main_bench(root, target=None):
     for seed, loss in V_LOSS.items():  # the variant's own workload (its shared lr differs): reported apart
         write_run(root, "seed", "v", f"s{seed}", seed=seed, budget=400, setting={}, final=loss,
                   evals=[0, 100, 200, 300, 400], workload=whash(400, "v"), timing=TIMING["v"],
-                  state_bytes=STATE["v"])
+                  state_bytes=STATE["v"], flops=FLOPS["v"])
     return root
 
 

@@ -16,7 +16,6 @@ table this module prints for it:
 from __future__ import annotations
 
 import json
-import math
 import re
 import subprocess
 import sys
@@ -124,14 +123,17 @@ def _g2(x: float | None) -> str:
 
 
 def _loss(e: dict | None) -> str:
-    if not e or not all(map(math.isfinite, [e["median"], *e["ci"]])):
-        return "undefined" if e else "-"
-    return f"{e['median']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
+    """As the report's cell: a null median is +inf (at least half of the seeds diverged, docs/protocol.md 5.6), a
+    null interval has fewer than 2 finite seeds."""
+    if not e:
+        return "-"
+    lo, hi = ("-" if x is None else f"{x:.3f}" for x in e["ci"])
+    return f"{'diverged' if e['median'] is None else format(e['median'], '.3f')} [{lo}, {hi}]"
 
 
-def _diff(v: dict | None) -> str:
+def _diff(v: dict | None, is_ref: bool) -> str:
     if v is None:
-        return "(reference)"
+        return "(reference)" if is_ref else "-"  # no test: fewer than 2 seeds finite in both arms
     if v["mean_diff"] is None or v["ci"][0] is None:
         return "undefined"
     return f"{v['mean_diff']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
@@ -169,11 +171,11 @@ def columns(s: dict[str, Any]) -> dict[str, Callable[[str, dict], str]]:
     return {
         "arm": lambda n, a: f"`{n}`",
         "variant of": lambda n, a: f"`{a['variant_of']}`" if a["variant_of"] else "-",
-        "seeds": lambda n, a: str(a["n_seeds"]),
+        "seeds": lambda n, a: str(a["n_seeds"]) + (f" ({k} diverged)" if (k := a.get("n_seeds_diverged")) else ""),
         "chosen": lambda n, a: _chosen(a["chosen"]),
         "end loss, median [95% CI of the mean]": lambda n, a: _loss(a["end_loss"]),
-        f"paired diff vs `{ref}`, mean [95% CI]": lambda n, a: _diff(vs(a)),
-        "paired diff vs its main arm, mean [95% CI]": lambda n, a: _diff(vs(a)),
+        f"paired diff vs `{ref}`, mean [95% CI]": lambda n, a: _diff(vs(a), n == ref),
+        "paired diff vs its main arm, mean [95% CI]": lambda n, a: _diff(vs(a), False),
         "p one-sided / Holm": lambda n, a: "-" if vs(a) is None else f"{_g2(vs(a)['p'])} / {_g2(vs(a)['p_holm'])}",
         "Holm p": lambda n, a: "-" if vs(a) is None else _g2(vs(a)["p_holm"]),
         "detectable (80% power)": lambda n, a: "-" if vs(a) is None else _g2(vs(a)["mdd"]),
@@ -300,6 +302,19 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert [b.split(": ", 1)[1] for b in outside_paths(tmp_path)] == ["../x.md", "/etc/passwd", "../../elsewhere"]
     wrong = table_mismatches(tmp_path)
     assert len(wrong) == 1 and "0.5" in wrong[0], wrong
+
+
+def test_a_table_of_a_diverged_arm_renders():
+    """A record whose arm has most seeds diverged: summary.json holds a null median (+inf) and, below 2 finite
+    seeds, a null interval and no paired test; the columns say so, never crash on the nulls."""
+    s = json.loads((REPO / "results/bench_tiny/summary.json").read_text())
+    arm = next(n for n in main_arms(s) if n != s["reference"])
+    s["arms"][arm].update(n_seeds_diverged=2, vs_reference=None,
+                          end_loss={**s["arms"][arm]["end_loss"], "median": None, "ci": [None, None]})
+    heads = ["arm", "seeds", "end loss, median [95% CI of the mean]",
+             f"paired diff vs `{s['reference']}`, mean [95% CI]"]
+    row = next(r for r in render(s, heads, main_arms(s))[2:] if r.startswith(f"| `{arm}` "))
+    assert row == f"| `{arm}` | {s['arms'][arm]['n_seeds']} (2 diverged) | diverged [-, -] | - |"
 
 
 if __name__ == "__main__":  # print the README's headline table for another summary.json (the swap)

@@ -1,7 +1,7 @@
 """scripts/gpu_check.py without a GPU: the dry run's plan (every step, every conf/optimizer file, budgets within
 the 480 s of a loan), a broken override named, the refusal to run without CUDA, the budget enforcement of the
 command runner, the FSDP refusal step for real (it is refused before any device is touched), and the
-JSON/markdown writer on a fabricated step list. No training runs here."""
+JSON/markdown writer (scripts/gpu_results.py) on a fabricated step list. No training runs here."""
 
 import contextlib
 import io
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from scripts import gpu_check as g
+from scripts import gpu_results as gr
 from scripts import perf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,17 +163,17 @@ def test_read_run_and_determinism(tmp_path):
              {"step": 3, "val_loss": 10.5}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     (run / "summary.json").write_text(json.dumps({"tokens_per_s": 1234.5, "world_size": 1, "diverged": False}))
-    r = g.read_run(run, 3)
+    r = gr.read_run(run, 3)
     assert (r["steps"], r["first_loss"], r["last_loss"], r["val_first"], r["val_last"]) == (3, 10.8, 11.0, 10.9, 10.5)
     assert r["non_finite"] == ["grad_norm@2", "train_loss@2"] and r["tokens_per_s"] == 1234.5
     assert r["problems"] == ["non-finite grad_norm@2, train_loss@2", "loss did not fall (10.8 -> 11.0)"]
-    assert g.read_run(run, 30)["problems"][0] == "3 of 30 steps logged"
-    assert g.read_run(tmp_path / "missing", 3)["problems"][0].startswith("records unreadable (FileNotFoundError")
-    d = g.determinism([10.0, 8.0, 6.0], [10.0, 8.004, 6.0])
+    assert gr.read_run(run, 30)["problems"][0] == "3 of 30 steps logged"
+    assert gr.read_run(tmp_path / "missing", 3)["problems"][0].startswith("records unreadable (FileNotFoundError")
+    d = gr.determinism([10.0, 8.0, 6.0], [10.0, 8.004, 6.0])
     assert d["identical"] is False and d["ok"] is True and d["steps"] == 3
     assert d["max_abs_diff"] == pytest.approx(0.004) and d["max_rel_diff"] == pytest.approx(5e-4)
-    assert g.determinism([10.0, 8.0], [10.0, 7.0])["ok"] is False  # 12.5% apart: a gross mismatch
-    assert g.determinism([10.0, 8.0], [10.0])["ok"] is False  # one run stopped early
+    assert gr.determinism([10.0, 8.0], [10.0, 7.0])["ok"] is False  # 12.5% apart: a gross mismatch
+    assert gr.determinism([10.0, 8.0], [10.0])["ok"] is False  # one run stopped early
 
 
 def fake_results() -> dict:
@@ -187,14 +188,14 @@ def fake_results() -> dict:
                        "tokens_per_s": 400000.0, "optimizer_state_bytes": 995_000_000, "losses": [10.9, 6.5]},
              "muon": {"status": "failed", "seconds": 44.0, "first_loss": 10.9, "last_loss": math.nan,
                       "non_finite": ["train_loss@30"]},
-             "determinism": g.determinism([10.9, 6.5], [10.9, 6.5001])}
+             "determinism": gr.determinism([10.9, 6.5], [10.9, 6.5001])}
     return {"schema": "gpu_check/1", "date": "2026-12-01 10:00:00 +0000", "command": "scripts/gpu_check.py",
             "code": {"commit": "abc123"}, "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.13.0+cu128", "cuda": "12.8",
             "budgets_s": dict(g.BUDGETS), "runs_dir": "/x/runs/now", "planned": list(g.STEPS), "steps": [
                 {"name": "env", "status": "ok", "seconds": 9.5, "budget_s": 30, "detail": "bf16 700 TFLOP/s",
                  "figures": {"gpu": "NVIDIA H100 80GB HBM3", "bf16_matmul_tflops": 700.0}},
                 {"name": "perf", "status": "ok", "seconds": 201.0, "budget_s": 240, "detail": "409,600 tokens/s",
-                 "figures": g.perf_figures(perf_json, 700.0)},
+                 "figures": gr.perf_figures(perf_json, 700.0)},
                 {"name": "train", "status": "failed", "seconds": 150.4, "budget_s": 150, "figures": train, "jobs": 3,
                  "reason": "muon: non-finite train_loss@30"},
                 {"name": "torchrun", "status": "timed_out", "seconds": 46.0, "budget_s": 45,
@@ -203,7 +204,7 @@ def fake_results() -> dict:
 
 def test_writer_json_and_markdown(tmp_path):
     res = fake_results()
-    json_path, md_path = g.write_results(res, tmp_path)
+    json_path, md_path = gr.write_results(res, tmp_path)
     assert (json_path.name, md_path.name) == ("nvidia-h100-80gb-hbm3.json", "nvidia-h100-80gb-hbm3.md")
     out = json.loads(json_path.read_text())
     assert set(out) == {"schema", "date", "command", "code", "gpu", "torch", "cuda", "budgets_s", "runs_dir",
@@ -228,10 +229,10 @@ def test_writer_json_and_markdown(tmp_path):
     assert "AdamW twice, same seed, 2 steps: identical False, max |diff| 0.0001" in md
     assert "Up to 3 runs shared the GPU at a time" in md
     res["steps"] = res["steps"][:2]
-    g.write_results(res, tmp_path)
+    gr.write_results(res, tmp_path)
     assert json.loads(json_path.read_text())["verdict"] == "incomplete, no failure so far"
     res["steps"] += [{"name": n, "status": "ok", "seconds": 1.0, "budget_s": 15} for n in ("train", "torchrun", "fsdp")]
-    g.write_results(res, tmp_path)
+    gr.write_results(res, tmp_path)
     assert json.loads(json_path.read_text())["ok"] is True and res["verdict"] == "all steps passed"
-    assert g.slug(None) == "unknown-gpu" and sorted(p.name for p in tmp_path.iterdir()) == [
+    assert gr.slug(None) == "unknown-gpu" and sorted(p.name for p in tmp_path.iterdir()) == [
         "nvidia-h100-80gb-hbm3.json", "nvidia-h100-80gb-hbm3.md"]  # atomic writes leave no temporary files

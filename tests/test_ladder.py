@@ -3,9 +3,11 @@ the tokens-per-parameter rule exactly, every bad declaration is refused in one l
 recovers known slopes from constructed rung directories, the paired seed bootstrap covers the true slope and
 widens with the seed noise, and the report says in words whether each gain shrinks or grows with scale."""
 
+import csv
 import importlib.util
 import json
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -97,6 +99,10 @@ def test_rungs_get_their_budgets_warmup_and_model(tmp_path):
     assert r.bench.overrides == ["schedule=wsd", "schedule.decay_frac=0.25", "schedule.min_lr_frac=0.0",
                                  "schedule.warmup_steps=3", "model.n_layer=1", "model.n_head=2", "model.d_model=16"]
     assert r.dir == tmp_path / "out" / "d16" and not r.shared and r.tokens == 65 * 512
+    assert r.bench.description == (f"rung d16 of ladder t: the {lad.base.name} benchmark's workload with "
+                                   f"model.n_layer=1 model.n_head=2 model.d_model=16 ({r.size['n_params']:,} "
+                                   f"params, {3312 / r.size['n_params']:.0%} non-embedding), budgets 16/32/65 "
+                                   "steps x 512 tokens")  # its own size, not the base's description
     assert "model.d_model=16" in hydra_command(r.bench, r.dir, ["x"])  # the multirun trains this size
 
 
@@ -330,6 +336,43 @@ def test_report_reads_the_trend_and_flags_the_trigram(report):
     assert "Marin" in md and "below Marin's 130M-1.2B" in md
     s = json.loads(paths["summary"].read_text())
     assert [x["reference_beats_trigram"] for x in s["sizes"]] == [False, True, True]
+    assert ("Read the slopes with care: at d16 (1 of 3 rungs) the reference ends above the trigram baseline, so "
+            "there the benchmark measures n-gram learning") in md and "Only d32, d64 measure optimization" in md
     assert any(f.startswith("rung d16: the reference (adamw) ends at 3.8") for f in s["flags"])
     assert any(f.startswith("rung d128 is not in this report") for f in s["flags"])
     assert "NO (flagged)" in md and paths["plot_speedup_vs_size"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rung_without_run_records_is_read_from_its_committed_report(report, tmp_path):
+    """A fresh clone holds a benchmark's committed report (summary.json, runs.csv, bench.json), not its run
+    records: the ladder reads such a rung from the report and gets the same sizes and fits, flagged."""
+    from bench.ladder import ladder_summary
+    from bench.report import build_report
+
+    root, paths = report
+    clone = tmp_path / "clone"
+    shutil.copytree(root, clone)
+    build_report(clone / "d32")
+    shutil.rmtree(clone / "d32" / "runs")
+    got, want = ladder_summary(clone), json.loads(paths["summary"].read_text())
+    assert json.loads(json.dumps(got["fits"])) == want["fits"]
+    for a, b in zip(got["sizes"], want["sizes"], strict=True):
+        assert json.loads(json.dumps({k: v for k, v in a.items() if k != "dir"})) == \
+            {k: v for k, v in b.items() if k != "dir"}
+    assert "rung d32: read from its committed report (summary.json, runs.csv): its run records are not in this " \
+           "checkout" in got["flags"]
+    csv_path = clone / "d32" / "runs.csv"  # a runs.csv that is not the summary's: refused, the rung left out
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    row = next(r for r in rows if (r["phase"], r["arm"], r["seed"], r["budget"]) == ("seed", "muon", "1", "400"))
+    row["final_val_loss"] = str(float(row["final_val_loss"]) + 0.5)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    flags = ladder_summary(clone)["flags"]
+    assert any(f.startswith("rung d32 is not in this report:") and "runs.csv's median end loss of muon" in f
+               for f in flags)
+    assert [x["rung"] for x in ladder_summary(clone)["sizes"]] == ["d16", "d64"]
+    (clone / "d32" / "runs.csv").unlink()
+    assert any("no run records and no committed report (runs.csv missing)" in f for f in ladder_summary(clone)["flags"])

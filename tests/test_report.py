@@ -15,19 +15,25 @@ import numpy as np
 import pytest
 from synthetic_bench import (
     BUDGETS,
+    CHOSEN,
     CHROMIUM,
     COMMIT,
     CURVE,
+    FLOPS,
     HYBRID,
     N_PARAMS,
     NON_EMBEDDING,
+    STATE,
+    TIMING,
     TOKENS_PER_STEP,
     copy_bench,
     t_interval,
+    write_run,
 )
 
-from bench.analysis import analyze
+from bench.analysis import analyze, summary
 from bench.records import load_runs
+from bench.report import build_report, headline
 
 # ---------------------------------------------------------------------------------------------- outputs
 
@@ -82,6 +88,39 @@ def test_summary_json(built, an):
     assert arms["muon"]["step_overhead"] == pytest.approx(1.0) and arms["muon"]["state_ratio"] == 0.5
     assert arms["muon"]["curve"] == {str(B): pytest.approx(CURVE["muon"][B]) for B in BUDGETS}
     assert s["flags"] == an["flags"]
+
+
+def test_cost_to_target(built, an):
+    """docs/protocol.md 6.4.1: tokens = steps x tokens per step, FLOPs = steps x FLOPs per step, time = steps x the
+    median seconds per step, over the reference's time; nulls, and "not reached", for an arm that does not reach
+    the target."""
+    s = json.loads(built[0]["summary"].read_text())["arms"]
+    steps = {"adamw": 400.0, "muon": 200 * 2 ** 0.5, "v": 400.0}  # v: its one budget is already below 3.2
+    per_step = {a: TIMING[a][1] / 400 for a in TIMING}  # every full-budget seed run trains 400 steps
+    for arm, n in steps.items():
+        a = s[arm]
+        assert a["seconds_per_step"] == pytest.approx(per_step[arm]) and a["flops_per_step"] == FLOPS[arm]
+        c = a["to_target"]
+        assert c["steps"] == pytest.approx(n) == a["steps_to_target"]["value"]
+        assert c["tokens"] == pytest.approx(n * TOKENS_PER_STEP)
+        assert c["flops"] == pytest.approx(n * FLOPS[arm]) and c["train_time_s"] == pytest.approx(n * per_step[arm])
+        assert c["time_vs_reference"] == pytest.approx(c["train_time_s"] / (400 * per_step["adamw"]))
+    assert s["adamw"]["to_target"]["time_vs_reference"] == 1.0 and s["adamw"]["to_target"]["where"] == "interpolated"
+    assert s["muon"]["to_target"]["time_vs_reference"] == pytest.approx(2 ** -0.5)
+    assert s["v"]["to_target"]["where"] == "at_smallest"
+    assert s["normuon"]["to_target"] == {"steps": None, "tokens": None, "flops": None, "train_time_s": None,
+                                         "time_vs_reference": None, "where": "not_reached"}
+    assert s["normuon"]["seconds_per_step"] == pytest.approx(9.0 / 400)
+    md = built[0]["md"].read_text()
+    head, rows = next(t for t in md_tables(md) if t[0][:2] == ["arm", "steps"])
+    assert md.index("## Cost to the target (on the median curve)") < md.index("| arm | steps |")
+    assert head == ["arm", "steps", "tokens", "FLOPs", "training time", "time / adamw's"]
+    assert rows == [["adamw", "400", "204,800", "1.2e+10", "10.0 s", "1.00"],
+                    ["muon", "283", f"{200 * 2 ** 0.5 * TOKENS_PER_STEP:,.0f}", f"{200 * 2 ** 0.5 * 3.3e7:.3g}",
+                     f"{200 * 2 ** 0.5 * 0.025:.1f} s", "0.71"],
+                    ["normuon", "not reached", "-", "-", "-", "-"],
+                    ["v", "400 (at or before)", "204,800", "1.32e+10", "12.0 s", "1.20"]]
+    assert "time = steps to target x the median seconds per step" in md and "step overhead" in md
 
 
 def md_tables(md):
@@ -169,21 +208,93 @@ def test_html_self_contained(built):
     assert "1.41 (extrapolated)" in page  # the same content as report.md
 
 
+def diverge(root, arm, seed, **fields):
+    """Mark the fresh-seed run `seed` of `arm` as diverged in its summary.json, as train.py records it."""
+    path = root / "runs" / "seed" / arm / f"s{seed}" / "summary.json"
+    s = json.loads(path.read_text())
+    path.write_text(json.dumps({**s, "diverged": True, "final_val_loss": None, "diverged_at_step": 300, **fields}))
+
+
 def test_diverged_fresh_seed_is_flagged(main_bench, tmp_path, an, kjv_dir):
-    """A fresh seed that diverged is recorded (+inf), left out of the numbers that need finite losses (medians,
-    intervals, paired tests) and named in the flags, never dropped silently."""
+    """A fresh seed that diverged is recorded (+inf), left out of the numbers that need finite losses (mean,
+    intervals, paired tests), counted as the worst value in the medians, and named in the flags, never dropped
+    silently."""
     assert not any("diverged" in f for f in an["flags"])
     root = copy_bench(main_bench, tmp_path / "diverged")
-    path = root / "runs" / "seed" / "normuon" / "s2" / "summary.json"
-    s = json.loads(path.read_text())
-    path.write_text(json.dumps({**s, "diverged": True, "final_val_loss": None, "diverged_at_step": 300}))
+    diverge(root, "normuon", 2)
     an = analyze(root, load_runs(root))
     a = an["arms"]["normuon"]
     assert a["losses"][400][2] == math.inf and a["n_seeds"] == 4
-    assert a["end_loss"]["n"] == 3 and a["end_loss"]["median"] == pytest.approx(3.41)  # 3.38, 3.41, 3.44
+    # 3.38, 3.41, 3.44 and +inf: the median (3.41 + 3.44) / 2, the curve's point; the mean of the finite three
+    assert a["end_loss"]["n"] == 3 and a["end_loss"]["n_diverged"] == 1
+    assert a["end_loss"]["median"] == pytest.approx(3.425) == a["curve"][-1]
+    assert a["end_loss"]["mean"] == pytest.approx((3.38 + 3.41 + 3.44) / 3)
     assert an["tests"]["normuon vs adamw"]["seeds"] == [1, 3, 4]
-    assert ("normuon: fresh-seed runs diverged (s2 at 400); left out of its end-loss interval and paired tests, "
-            "counted as the worst value in its loss-vs-budget medians (steps to target, speedups)") in an["flags"]
+    assert ("normuon: fresh-seed runs diverged (s2 at 400); left out of its end-loss mean, interval and paired "
+            "tests, counted as the worst value in its medians (the end-of-schedule loss, the loss-vs-budget curve, "
+            "steps to target, speedups)") in an["flags"]
+
+
+def test_diverged_seed_in_the_headline_median(main_bench, tmp_path, kjv_dir):
+    """docs/protocol.md 5.6: with 5 seeds and 1 diverged the median is the 3rd of the sorted five, +inf last; the
+    mean and its t interval are over the 4 finite seeds and say so; when most seeds diverge the median is +inf,
+    written null in summary.json (strict JSON), and the report still builds."""
+    root = copy_bench(main_bench, tmp_path / "five")
+    write_run(root, "seed", "normuon", "s5", seed=5, budget=400, setting=CHOSEN["normuon"], final=3.50,
+              evals=[0, 100, 200, 300, 400], timing=(3.0, 10.0), state_bytes=STATE["normuon"],
+              flops=FLOPS["normuon"])
+    diverge(root, "normuon", 2, steps=200, train_time_s=1.0)  # a diverged run's rate is left out (0.005 s/step)
+    for seed, train_s in ((1, 8.0), (3, 9.0), (4, 12.0)):
+        path = root / "runs" / "seed" / "normuon" / f"s{seed}" / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "train_time_s": train_s}))
+    an = analyze(root, load_runs(root))
+    a, finite = an["arms"]["normuon"], [3.38, 3.41, 3.44, 3.50]
+    assert sorted(a["losses"][400].values()) == [*map(pytest.approx, finite), math.inf]
+    assert a["n_seeds"] == 5 and a["end_loss"]["n"] == 4 and a["end_loss"]["n_diverged"] == 1
+    assert a["end_loss"]["median"] == pytest.approx(3.44) == a["curve"][-1]  # 3.38, 3.41, [3.44], 3.50, inf
+    assert a["end_loss"]["mean"] == pytest.approx(np.mean(finite)) and a["end_loss"]["method"] == "t"
+    assert (a["end_loss"]["lo"], a["end_loss"]["hi"]) == pytest.approx(t_interval(finite))
+    assert a["seconds_per_step"] == pytest.approx((9.0 + 10.0) / 2 / 400)  # s1, s3, s4, s5: 8, 9, 12, 10 s
+    s = summary(an)["arms"]["normuon"]
+    assert s["n_seeds"] == 5 and s["n_seeds_diverged"] == 1
+    assert s["end_loss"]["median"] == pytest.approx(3.44) and s["end_loss"]["n_finite"] == 4
+    assert s["end_loss"]["ci"] == pytest.approx(list(t_interval(finite)))
+    head, rows = headline(an)[0][1:]
+    cells = {r[0]: dict(zip(head, r)) for r in rows}
+    assert cells["normuon"]["seeds"] == "5 (1 diverged)" and cells["adamw"]["seeds"] == "4"
+    assert cells["normuon"][head[1]] == f"3.440 [{t_interval(finite)[0]:.3f}, {t_interval(finite)[1]:.3f}]"
+    assert "A diverged seed counts as the worst value in the median" in headline(an)[1][1]
+
+    diverge(root, "normuon", 1)
+    diverge(root, "normuon", 3)  # 3 of 5: the median is +inf
+    out = build_report(root)
+    strict = json.loads(out["summary"].read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    s = strict["arms"]["normuon"]
+    assert s["n_seeds_diverged"] == 3 and s["end_loss"]["median"] is None and s["end_loss"]["n_finite"] == 2
+    assert s["end_loss"]["mean"] == pytest.approx(3.47) and s["end_loss"]["ci"] == pytest.approx(
+        list(t_interval([3.44, 3.50])))
+    assert s["curve"]["400"] is None and s["data_equivalent_speedup"]["value"] is None
+    md = out["md"].read_text()
+    row = next(r for r in md_tables(md)[0][1] if r[0] == "normuon")
+    assert row[1].startswith("diverged [") and row[2] == "5 (3 diverged)"
+    assert row[3] == "-"  # seed 4 alone is finite in both normuon and adamw: no paired test (not "(reference)")
+
+    diverge(root, "normuon", 4)  # 4 of 5: no interval either (one finite seed)
+    s = summary(analyze(root, load_runs(root)))["arms"]["normuon"]
+    assert s["n_seeds_diverged"] == 4 and s["end_loss"]["n_finite"] == 1
+    assert (s["end_loss"]["median"], s["end_loss"]["mean"], s["end_loss"]["ci"]) == (None, None, [None, None])
+
+
+def test_diverged_reference_gives_no_target(main_bench, tmp_path, kjv_dir):
+    """Most of the reference's seeds diverged: its median is +inf, so there is no target (not an infinite one that
+    every arm 'reaches' at its smallest budget)."""
+    root = copy_bench(main_bench, tmp_path / "reference")
+    for seed in (1, 2):  # 2 of 4: the median is (x + inf) / 2
+        diverge(root, "adamw", seed)
+    an = analyze(root, load_runs(root))
+    assert an["arms"]["adamw"]["end_loss"]["median"] == math.inf and an["target"]["loss"] is None
+    assert all(a["steps_to_target"] is None and a["to_target"] is None for a in an["arms"].values())
+    assert an["tests"]["normuon vs adamw"]["exchange_rate"] is None  # seeds 3, 4 paired; no rate at an inf loss
 
 
 def test_several_code_versions_said(main_bench, tmp_path, kjv_dir):

@@ -169,5 +169,6 @@ def test_perf_and_gpu_check_see_the_users_optimizer(on_path, tmp_path):
     names = perf.optimizer_names()
     assert names[0] == "adamw" and "mysgd" in names
     overrides = ["experiment=user_smoke", "optimizer=mysgd", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
-    assert gpu_check.compose_error(overrides) is None  # composed, typed and validated as train.py would
-    assert gpu_check.compose_error([*overrides, "optimizer.lr=-1"]) == "optimizer.lr: must be > 0 (got -1.0)"
+    train = [sys.executable, "train.py"]  # a planned command, as its dry run checks it
+    assert gpu_check.command_error([*train, *overrides]) is None  # composed, typed and validated as train.py would
+    assert gpu_check.command_error([*train, *overrides, "optimizer.lr=-1"]) == "optimizer.lr: must be > 0 (got -1.0)"

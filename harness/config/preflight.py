@@ -11,6 +11,10 @@ file, on a read-only mount) is reported the same way; Hydra would create it with
 flags (-m, --cfg, --help, ...) skip this and keep Hydra's behaviour. The user's config directories
 (OPTBENCH_CONFIG_PATH, harness/config/search.py) are composed with conf/; a wrong entry in that variable is
 one line too, flags or not.
+
+config_error() checks a command line as train.py would without running it: these checks, then the typed
+config's validation (schema.py, validate.py), which train.py itself does once the run is prepared; the GPU
+check's dry run (scripts/gpu_check.py --dry-run) composes every planned train.py command with it.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.utils import get_class
+from omegaconf import open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.config import search
-from harness.config.schema import ConfigError
-from harness.config.validate import optimizer_keys
+from harness.config.schema import ConfigError, register_configs, to_typed
+from harness.config.validate import optimizer_keys, validate
 
 
 def _first_line(e: BaseException) -> str:
@@ -139,3 +145,24 @@ def preflight(config_dir: Path, argv: list[str]) -> str | None:
     if error is None and run_dir:
         error = run_dir_error(run_dir)
     return error
+
+
+def config_error(config_dir: Path, overrides: list[str]) -> str | None:
+    """train.py's own checks of `overrides` without running it: the one-line composition error (and run
+    directory check), then the typed config's validation (schema.py, validate.py), all before any compute."""
+    register_configs()
+    error, run_dir = composition_error(config_dir, overrides)
+    if error is None and run_dir:
+        error = run_dir_error(run_dir)
+    if error is not None:
+        return error
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
+            cfg = compose("config", overrides=search.with_user_dirs(overrides), return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # ${hydra:...} in `name` resolves as under @hydra.main
+            with open_dict(cfg):
+                del cfg["hydra"]
+            validate(to_typed(cfg))
+    except ConfigError as e:
+        return str(e)
+    return None
