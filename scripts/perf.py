@@ -103,6 +103,7 @@ def measure_optimizers(preset: str, optimizers: list[str], device: torch.device,
     items.update({name: s.step for name, s in setups.items()})
     t = rounds(items, repeats, device)
     out = {"fwd_bwd_s": t["fwd_bwd"], "tokens": base.tokens, "compiled": base.compiled, "precision": base.precision,
+           "precision_probe": base.run.precision_probe,  # train.precision=auto's measurement on a CPU, else None
            "fwd_bwd_flops": base.tokens * base.model.flops_per_token(base.cfg.train.seq_len), "optimizers": {}}
     out.update(mfu(out["fwd_bwd_flops"], t["fwd_bwd"], base.precision, device))
     adamw = t.get("adamw")

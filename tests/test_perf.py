@@ -66,7 +66,13 @@ def test_mfu_and_training_step_over_adamw(tiny):
     overhead at GPT-2 124M on an H100 is ~1.025), both from the same measured times."""
     cuda = tiny["device"].startswith("cuda")
     assert tiny["compiled"] is cuda  # train.py's choice: compiled on CUDA, eager on a CPU
-    assert tiny["precision"] == ("bf16" if cuda else "fp32")
+    probe = tiny["precision_probe"]
+    if cuda:
+        assert tiny["precision"] == "bf16" and probe is None  # bf16 autocast on CUDA, no probe
+    else:  # train.precision=auto on a CPU: the probe's choice, bf16 only at >= its margin over fp32 (either, by CPU)
+        rate = probe["tokens_per_s"]
+        assert tiny["precision"] == probe["choice"] == ("bf16" if rate["bf16"] >= probe["margin"] * rate["fp32"]
+                                                        else "fp32")
     assert tiny["model_tflops"] * 1e12 == pytest.approx(tiny["fwd_bwd_flops"] / tiny["fwd_bwd_s"])
     # sanity only: 0.39 measured (2 threads, idle, 2026-12-01); the probe's rate moves 12x when the machine is
     # shared (above), either way; a unit slip (1000x) still falls outside
