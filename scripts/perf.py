@@ -46,7 +46,7 @@ from optimizers import ortho
 from optimizers.groups import row_slices
 from runtime.device import autocast, matmul_rates
 from runtime.files import atomic_write_json, atomic_write_text
-from scripts.perf_setup import PRESETS, Setup, compose_run, mfu, optimizer_names, rounds, timed
+from scripts.perf_setup import PRECISION, PRESETS, Setup, compose_run, mfu, optimizer_names, rounds, timed
 
 
 def ortho_cost(s: Setup, repeats: int) -> dict[str, float]:
@@ -103,7 +103,8 @@ def measure_optimizers(preset: str, optimizers: list[str], device: torch.device,
     items.update({name: s.step for name, s in setups.items()})
     t = rounds(items, repeats, device)
     out = {"fwd_bwd_s": t["fwd_bwd"], "tokens": base.tokens, "compiled": base.compiled, "precision": base.precision,
-           "precision_probe": base.run.precision_probe,  # train.precision=auto's measurement on a CPU, else None
+           # train.precision=auto's measurement for this preset (perf_setup.PRECISION; on CUDA None)
+           "precision_probe": PRECISION.get(preset, {}).get("probe"),
            "fwd_bwd_flops": base.tokens * base.model.flops_per_token(base.cfg.train.seq_len), "optimizers": {}}
     out.update(mfu(out["fwd_bwd_flops"], t["fwd_bwd"], base.precision, device))
     adamw = t.get("adamw")

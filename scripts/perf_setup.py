@@ -46,19 +46,31 @@ def optimizer_names() -> list[str]:
     return names
 
 
+# preset -> the precision its first run in this process resolved (train.precision=auto probes on a CPU): every
+# later Setup of the preset gets it explicitly, so that the optimizers, the PC layer and the references are
+# timed in one precision even where the probe sits near its margin and could choose differently run to run
+PRECISION: dict[str, dict] = {}  # preset -> {"precision", "probe"} (the probe's record, None on CUDA)
+
+
 def compose_run(preset: str, optimizer: str, extra: tuple[str, ...] = ()):
     """The run train.py would prepare for this preset and optimizer (conf/ composed by Hydra, prepare_run), in a
-    throw-away run directory: the same checks, model, parameter split, optimizer, precision and compile choice."""
+    throw-away run directory: the same checks, model, parameter split, optimizer, precision and compile choice
+    (the precision: the preset's first choice in this process, PRECISION)."""
     base, overrides = VARIANTS.get(optimizer, (optimizer, ()))
     register_configs()
-    overrides = search.with_user_dirs([*PRESETS[preset], f"optimizer={base}", "logger=none", "name=perf",
-                                       *overrides, *extra])
+    overrides = [*PRESETS[preset], f"optimizer={base}", "logger=none", "name=perf", *overrides, *extra]
+    auto = not any(o.startswith("train.precision=") for o in overrides)
+    if auto and preset in PRECISION:
+        overrides.append(f"train.precision={PRECISION[preset]['precision']}")
+    overrides = search.with_user_dirs(overrides)
     with initialize_config_dir(config_dir=str(search.CONF), version_base="1.3", job_name="perf"):
         dcfg = compose("config", overrides=overrides)
     with tempfile.TemporaryDirectory() as tmp:
         run = prepare_run(dcfg, Path(tmp) / "run")
         assert not isinstance(run, CompleteRun)
         run.lock.release(remove=True)
+    if auto:
+        PRECISION.setdefault(preset, {"precision": run.precision, "probe": run.precision_probe})
     return run
 
 

@@ -60,6 +60,17 @@ def test_orthogonalization_flops_are_counted(tiny):
     assert 0.01 < m["predicted_step_over_fwd_bwd"] < 0.5  # FLOP counts only (0.065): no timing in it
 
 
+def test_every_setup_of_a_preset_runs_in_one_precision(tiny):
+    """train.precision=auto probes once per preset in a process; every later Setup (another optimizer, the PC
+    layer, the references) gets that choice explicitly and is not probed again, so no two timings of one
+    measurement can differ in precision because the probe sat near its margin."""
+    from scripts import perf_setup
+
+    assert perf_setup.PRECISION["cpu_tiny"]["precision"] == tiny["precision"]
+    again = perf.Setup("cpu_tiny", "muon")
+    assert again.precision == tiny["precision"] and again.run.precision_probe is None  # given, not measured
+
+
 def test_mfu_and_training_step_over_adamw(tiny):
     """MFU of forward+backward against the measured matmul rate (the GPU run's headline, with the datasheet
     peak where the device is known) and each optimizer's training step over AdamW's (Muon's published
