@@ -194,9 +194,9 @@ def committed_rung(d: Path) -> tuple[dict, dict, list[int]]:
     with open(paths[1], newline="") as f:
         for row in csv.DictReader(f):
             if row["phase"] in ("seed", "branch"):
-                v = math.inf if row["diverged"] == "True" or not row["final_val_loss"] else float(row["final_val_loss"])
+                v = float(row["final_val_loss"] or "inf")  # runs.csv leaves a diverged run's loss empty
                 losses.setdefault(row["arm"], {}).setdefault(int(row["budget"]), {})[int(row["seed"])] = \
-                    v if math.isfinite(v) else math.inf
+                    math.inf if row["diverged"] == "True" or not math.isfinite(v) else v
     losses = {a: {b: dict(sorted(v.items())) for b, v in sorted(by.items())} for a, by in losses.items()}  # analyze's
     for arm, a in s["arms"].items():  # the two files must be one report's: every arm's full-budget median
         full = losses.get(arm, {}).get(max(s["workload"]["budgets"]), {})
